@@ -1,0 +1,15 @@
+"""Evaluation stage: HumanEval and MBPP pass@k with sandboxed execution.
+
+Not built yet: issue #7 fills this script. It runs as a fire CLI like every stage.
+"""
+
+from utils import CodeUpError, run_cli
+
+
+def main(**flags):
+    """Not built yet (issue #7)."""
+    raise CodeUpError("evaluate.py is not built yet (issue #7)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,15 @@
+"""Export stage: merge a LoRA adapter into its base and export it for transformers, PyTorch and llama.cpp.
+
+Not built yet: issue #6 fills this script. It runs as a fire CLI like every stage.
+"""
+
+from utils import CodeUpError, run_cli
+
+
+def main(**flags):
+    """Not built yet (issue #6)."""
+    raise CodeUpError("export_checkpoint.py is not built yet (issue #6)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

