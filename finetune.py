@@ -3,7 +3,8 @@
 Not built yet: issue #4 fills this script. It runs as a fire CLI like every stage.
 """
 
-from utils import CodeUpError, run_cli
+from utils.cli import run_cli
+from utils.errors import CodeUpError
 
 
 def main(**flags):

@@ -8,7 +8,10 @@ scripted single-answer mode, built on the shared loading and prompt code.
 
 import torch
 
-from utils import DEFAULT_BASE_MODEL, CodeUpError, Prompter, load_model_and_tokenizer, run_cli
+from utils.cli import run_cli
+from utils.errors import CodeUpError
+from utils.model_loading import DEFAULT_BASE_MODEL, load_model_and_tokenizer
+from utils.prompter import Prompter
 
 
 def main(

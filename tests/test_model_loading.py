@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from conftest import ROOT
-from utils import CodeUpError, Prompter, load_model, load_model_and_tokenizer, load_tokenizer, resolve_model_reference
-from utils.model_loading import resolve_dtype, smollm2_gguf_path
+from utils.errors import CodeUpError
+from utils.model_loading import (
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_reference,
+    smollm2_gguf_path,
+)
+from utils.prompter import Prompter
 
 
 def greedy(model, tokenizer, prompts, max_new_tokens=8):
@@ -87,7 +95,7 @@ def test_hub_id_loads_from_the_hub_cache(tiny_llama_dir, tmp_path):
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
     code = (
-        "from utils import load_model_and_tokenizer\n"
+        "from utils.model_loading import load_model_and_tokenizer\n"
         "model, tokenizer = load_model_and_tokenizer('codeup-test/tiny-llama')\n"
         "print(model.config.hidden_size, tokenizer.pad_token_id != tokenizer.eos_token_id)\n"
     )

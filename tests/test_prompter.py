@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from utils import CodeUpError, Prompter, available_templates, load_template
+from utils.errors import CodeUpError
+from utils.prompter import Prompter, available_templates, load_template
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

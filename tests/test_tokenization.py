@@ -1,6 +1,8 @@
 import pytest
 
-from utils import IGNORE_INDEX, Prompter, has_trainable_labels, load_tokenizer, tokenize_for_training
+from utils.model_loading import load_tokenizer
+from utils.prompter import Prompter
+from utils.tokenization import IGNORE_INDEX, has_trainable_labels, tokenize_for_training
 
 INSTRUCTION = "Write a Python function that returns the sum of a list of numbers."
 RESPONSE = "def total(numbers):\n    return sum(numbers)"

@@ -1,19 +1,12 @@
-"""Code shared by the CodeUp stage scripts: prompts, tokenization for training, model loading, the CLI."""
+"""Code shared by the CodeUp stage scripts, one module per concern (import what you need):
 
-from utils.cli import run_cli
-from utils.errors import CodeUpError
-from utils.model_loading import (
-    DEFAULT_BASE_MODEL,
-    load_model,
-    load_model_and_tokenizer,
-    load_tokenizer,
-    resolve_model_reference,
-)
-from utils.prompter import Prompter, available_templates, load_template
-from utils.tokenization import IGNORE_INDEX, has_trainable_labels, tokenize_for_training
+- cli.py: run_cli, the fire entry point that turns a CodeUpError into a one-line message
+- errors.py: CodeUpError
+- prompter.py: prompt templates (build a prompt, cut the response out of generated text)
+- tokenization.py: tokenization and label masking for training
+- model_loading.py: models and tokenizers from a hub id, a folder, a .gguf file or `smollm2-135m`
+- language_detection.py: Guesslang's programming-language model, batched
+- benchmarks.py: HumanEval and MBPP problems
 
-__all__ = [
-    "DEFAULT_BASE_MODEL", "IGNORE_INDEX", "CodeUpError", "Prompter", "available_templates",
-    "has_trainable_labels", "load_model", "load_model_and_tokenizer", "load_template", "load_tokenizer",
-    "resolve_model_reference", "run_cli", "tokenize_for_training",
-]
+Modules import their heavy libraries themselves, so that e.g. the data stage never loads torch.
+"""

@@ -14,3 +14,15 @@ def run_cli(component) -> None:
     except CodeUpError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_list(value) -> list[str]:
+    """A list flag given as a list (fire parses `[a,b]` of simple words), or a string:
+    `a,b`, `[a,b]` or `['a', 'b']` (fire leaves paths and quoted lists as strings)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        items = value
+    else:
+        items = str(value).strip().removeprefix("[").removesuffix("]").split(",")
+    return [str(item).strip().strip("'\"").strip() for item in items if str(item).strip().strip("'\"").strip()]
