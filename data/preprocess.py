@@ -1,19 +1,393 @@
-"""Data stage: filter instruction records by programming language (Guesslang), as CodeUp did.
+"""Data stage: keep the instruction records of each programming language, as CodeUp did.
 
-Not built yet: issue #3 fills this script. It runs as a fire CLI like every stage.
+    python data/preprocess.py                      # the published rules (--mode codeup)
+    python data/preprocess.py --mode strict        # plus stricter checks, see below
+
+The published rules (`codeup`):
+  1. read every input file (JSON list or JSONL) in order;
+  2. name a record's language by the first keyword of KEYWORDS that occurs in its instruction;
+  3. a record with no keyword is kept as Python when Guesslang names Python for its input or its
+     output, or its output contains "def " or "import "; the others are dropped.
+`strict` adds: keywords on word boundaries, Guesslang's language for the output must belong to the
+family of the named language, empty outputs and exact duplicates dropped, and records sharing a long
+n-gram with HumanEval or MBPP dropped (decontamination).
+
+Writes to --output_dir: codeup_{kept//1000}k.json (codeup_strict_... in strict mode), pl_raw.json,
+pl_clean.json, PL_Raw.png, PL_Clean.png, unknown_pl_data.json (every dropped record with its
+reason) and report.json.
 """
 
+import json
+import os
+import re
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils import CodeUpError, run_cli  # noqa: E402
+from utils.benchmarks import load_humaneval, load_mbpp  # noqa: E402
+from utils.cli import parse_list, run_cli  # noqa: E402
+from utils.errors import CodeUpError  # noqa: E402
+
+DATA_DIR = Path(__file__).resolve().parent
+DEFAULT_DATA_PATHS = "data/code_alpaca_20k.json,data/new_codealpaca.json"
+
+# (keyword in the instruction, language it counts as), tried in this order: the published list.
+KEYWORDS = [
+    ("JavaScript", "JavaScript"), ("Java", "Java"), ("shell", "shell"), ("Python", "Python"),
+    ("C++", "C++/C"), ("C#", "C#"), (" C ", "C++/C"), ("Bash", "shell"), ("bash", "shell"),
+    ("HTML", "HTML"), ("SQL", "SQL"), ("JSON", "JSON"), ("CSS", "CSS"), ("JSX", "JSX"),
+    ("Swift", "Swift"), ("Ruby", "Ruby"), ("PHP", "PHP"), ("Go", "Go"), ("Kotlin", "Kotlin"),
+    (" R ", "R"), ("MATLAB", "MATLAB"), ("TypeScript", "TypeScript"), ("Scala", "Scala"),
+    ("Haskell", "Haskell"), ("Perl", "Perl"), ("Rust", "Rust"),
+]
+LANGUAGES = list(dict.fromkeys(language for _, language in KEYWORDS))
+OTHERS = "Others"
+# Strict mode: the keyword as a whole word ("Go" not inside "Good", "Java" not inside "JavaScript").
+WORD_KEYWORDS = [
+    (re.compile(rf"(?<![A-Za-z0-9_]){re.escape(keyword.strip())}(?![A-Za-z0-9_])"), language)
+    for keyword, language in KEYWORDS
+]
+# Strict mode: Guesslang's names that agree with each language the instruction can name.
+LANGUAGE_FAMILIES = {
+    "JavaScript": ["JavaScript", "TypeScript", "CoffeeScript", "HTML"],
+    "Java": ["Java"],
+    "shell": ["Shell", "Batchfile", "PowerShell"],
+    "Python": ["Python"],
+    "C++/C": ["C", "C++", "Objective-C"],
+    "C#": ["C#"],
+    "HTML": ["HTML", "XML", "CSS", "JavaScript"],
+    "SQL": ["SQL"],
+    "JSON": ["JSON", "JavaScript"],
+    "CSS": ["CSS", "HTML"],
+    "JSX": ["JavaScript", "TypeScript", "HTML"],
+    "Swift": ["Swift"],
+    "Ruby": ["Ruby"],
+    "PHP": ["PHP", "HTML"],
+    "Go": ["Go"],
+    "Kotlin": ["Kotlin", "Java"],
+    "R": ["R"],
+    "MATLAB": ["Matlab"],
+    "TypeScript": ["TypeScript", "JavaScript"],
+    "Scala": ["Scala"],
+    "Haskell": ["Haskell"],
+    "Perl": ["Perl"],
+    "Rust": ["Rust"],
+}
+DROP_REASONS = ("malformed", "empty_output", "unknown_language", "language_mismatch", "duplicate", "contaminated")
 
 
-def main(**flags):
-    """Not built yet (issue #3)."""
-    raise CodeUpError("preprocess.py is not built yet (issue #3)")
+# ---- reading -------------------------------------------------------------------------------
+
+def parse_paths(data_paths) -> list[Path]:
+    paths = [Path(path).expanduser() for path in parse_list(data_paths)]
+    if not paths:
+        raise CodeUpError("--data_paths names no file")
+    return paths
+
+
+def read_file(path: Path) -> list:
+    """The records of one JSON list or JSONL file; any error names the file (and the line)."""
+    if not path.is_file():
+        raise CodeUpError(f"data file not found: {path} (see data/README.md for where to get it)")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise CodeUpError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CodeUpError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+    if not isinstance(records, list):
+        raise CodeUpError(f"{path}: expected a JSON list of records (or a .jsonl file), got a {type(records).__name__}")
+    return records
+
+
+def as_record(raw) -> dict | None:
+    """{instruction, input, output} of a raw record, or None when it is malformed."""
+    if not isinstance(raw, dict):
+        return None
+    fields = {"instruction": raw.get("instruction"), "input": raw.get("input", ""), "output": raw.get("output")}
+    if fields["input"] is None:
+        fields["input"] = ""
+    if not all(isinstance(value, str) for value in fields.values()):
+        return None
+    return fields
+
+
+# ---- the rules -----------------------------------------------------------------------------
+
+def keyword_language(instruction: str, strict: bool) -> str | None:
+    if strict:
+        return next((language for pattern, language in WORD_KEYWORDS if pattern.search(instruction)), None)
+    return next((language for keyword, language in KEYWORDS if keyword in instruction), None)
+
+
+def is_python_by_default(record: dict, input_language: str | None, output_language: str | None) -> bool:
+    """CodeUp's rule for records whose instruction names no language."""
+    output = record["output"]
+    return "Python" in (input_language, output_language) or "def " in output or "import " in output
+
+
+def normalized_key(record: dict) -> str:
+    return " ".join(f"{record['instruction']}\n{record['input']}".lower().split())
+
+
+def ngrams(text: str, n: int) -> set[tuple]:
+    """Lower-cased whitespace tokens: for code, a token such as `arr[j+1]:` keeps its punctuation,
+    so 13 of them span a distinctive stretch rather than generic keywords."""
+    tokens = text.lower().split()
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def benchmark_ngrams(sources, n: int) -> dict[tuple, str]:
+    """n-gram -> the benchmark task it comes from, for `humaneval` and MBPP jsonl paths."""
+    index = {}
+    for source in parse_list(sources):
+        if source.lower() == "humaneval":
+            texts = [(p["task_id"], p["prompt"] + "\n" + p["canonical_solution"]) for p in load_humaneval()]
+        else:
+            texts = [(f"MBPP/{t.get('task_id')}", "\n".join([t.get("text", ""), t.get("code", ""), *t.get("test_list", [])]))
+                     for t in load_mbpp(source)]
+        for task_id, text in texts:
+            for gram in ngrams(text, n):
+                index.setdefault(gram, task_id)
+    return index
+
+
+def load_families(language_families) -> dict[str, set[str]]:
+    """The built-in families, updated from a JSON file or a dict ({"Go": ["Go", "C"]})."""
+    families = dict(LANGUAGE_FAMILIES)
+    if isinstance(language_families, str):
+        path = Path(language_families).expanduser()
+        if not path.is_file():
+            raise CodeUpError(f"language families file not found: {path}")
+        try:
+            language_families = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise CodeUpError(f"{path}: not valid JSON ({error.msg})") from None
+    if language_families:
+        if not isinstance(language_families, dict):
+            raise CodeUpError("--language_families must map a language to a list of Guesslang names")
+        unknown = set(language_families) - set(LANGUAGES)
+        if unknown:
+            raise CodeUpError(f"--language_families names unknown languages {sorted(unknown)}; use {LANGUAGES}")
+        families.update(language_families)
+    return {language: set(names) for language, names in families.items()}
+
+
+def filter_records(entries, mode, guesser, families=None, contamination=None, ngram=13, top_k=3, batch_size=64):
+    """Apply the rules of `mode` to (source, index, raw) entries.
+
+    Returns the kept records (in input order), the dropped entries with their reasons, and the
+    language counts after the keyword pass (raw) and after filtering (clean).
+    """
+    strict = mode == "strict"
+    dropped = []
+    candidates = []  # (entry, record, language or None)
+    for source, index, raw in entries:
+        record = as_record(raw)
+        if record is None:
+            dropped.append(drop(source, index, raw, "malformed", "not an object with string instruction/output"))
+            continue
+        candidates.append(((source, index, raw), record, keyword_language(record["instruction"], strict)))
+
+    raw_counts = count_languages(language for _, _, language in candidates)
+    raw_counts[OTHERS] += len(dropped)  # malformed records have no language either
+
+    # One batched Guesslang pass over every text a rule needs.
+    needs_output = [strict or language is None for _, _, language in candidates]
+    texts = {record["output"] for (_, record, _), needed in zip(candidates, needs_output) if needed}
+    texts |= {record["input"] for _, record, language in candidates if language is None and record["input"].strip()}
+    texts = sorted(texts)
+    detections = guesser.detect(texts, top_k=top_k, batch_size=batch_size, progress=True) if texts else []
+    detected = dict(zip(texts, detections))  # text -> (answer or None, top_k languages)
+
+    kept, seen = [], set()
+    for (source, index, raw), record, language in candidates:
+        output_language, output_top = detected.get(record["output"], (None, []))
+        reason, detail = None, ""
+        if strict and not record["output"].strip():
+            reason = "empty_output"
+        elif language is None:
+            if is_python_by_default(record, detected.get(record["input"], (None,))[0], output_language):
+                language = "Python"
+            else:
+                reason, detail = "unknown_language", f"Guesslang: output {output_language or 'not sure'}"
+        if strict and reason is None:
+            reason, detail = strict_reason(record, language, output_language, output_top, families, contamination, ngram, seen)
+        if reason:
+            dropped.append(drop(source, index, raw, reason, detail))
+        else:
+            kept.append((language, record))
+
+    clean_counts = count_languages(language for language, _ in kept)
+    return [record for _, record in kept], dropped, raw_counts, clean_counts
+
+
+def strict_reason(record, language, output_language, output_top, families, contamination, ngram, seen):
+    """(reason, detail) for the first strict check a kept record fails, or (None, "").
+
+    Language agreement: Guesslang is often wrong on short snippets, so a record is a mismatch only
+    when Guesslang is sure of a language outside the family and no language of the family is among
+    its top_k guesses.
+    """
+    family = families.get(language)
+    if family and output_language is not None and not family & {output_language, *output_top}:
+        return "language_mismatch", (f"instruction names {language}, Guesslang says the output is "
+                                     f"{output_language} (top guesses: {', '.join(output_top)})")
+    key = normalized_key(record)
+    if key in seen:
+        return "duplicate", "same instruction and input as an earlier record"
+    seen.add(key)
+    if contamination:
+        for field in ("instruction", "input", "output"):
+            for gram in ngrams(record[field], ngram):
+                if gram in contamination:
+                    return "contaminated", f"{field} shares a {ngram}-gram with {contamination[gram]}: {' '.join(gram)}"
+    return None, ""
+
+
+def drop(source, index, raw, reason, detail) -> dict:
+    return {"source": source, "index": index, "reason": reason, "detail": detail, "record": raw}
+
+
+def count_languages(languages) -> dict[str, int]:
+    counts = dict.fromkeys(LANGUAGES + [OTHERS], 0)
+    for language in languages:
+        counts[language or OTHERS] += 1
+    return counts
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+def radar_chart(counts: dict[str, int], title: str, path: Path) -> None:
+    """Counts per language on a radar chart; the radius is logarithmic so that small languages show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(counts)
+    values = np.log10(1 + np.array([counts[name] for name in names], dtype=float))
+    angles = np.linspace(0, 2 * np.pi, len(names), endpoint=False)
+    figure, axes = plt.subplots(figsize=(8, 8), subplot_kw={"projection": "polar"})
+    axes.plot(np.append(angles, angles[0]), np.append(values, values[0]), color="tab:blue", linewidth=2)
+    axes.fill(angles, values, color="tab:blue", alpha=0.25)
+    axes.set_xticks(angles)
+    axes.set_xticklabels([f"{name}\n{counts[name]:,}" for name in names], fontsize=8)
+    top = max(1.0, float(np.ceil(values.max())))
+    axes.set_yticks(range(1, int(top) + 1))
+    axes.set_yticklabels([f"{10 ** k:,}" for k in range(1, int(top) + 1)], fontsize=7, color="gray")
+    axes.set_ylim(0, top)
+    axes.set_title(f"{title}\nradius: log scale", pad=24)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_outputs(output_dir: Path, files: dict[str, object]) -> None:
+    """Write every output to a temp file first, then rename each into place: a crash or an error
+    never leaves a truncated file behind (JSON for dicts and lists, a chart for ("chart", ...))."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staged = []
+    try:
+        for name, content in files.items():
+            handle, temp = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=Path(name).suffix)
+            os.close(handle)
+            os.chmod(temp, 0o644)  # mkstemp makes files private; outputs are ordinary files
+            staged.append((temp, output_dir / name))
+            if name.endswith(".png"):
+                radar_chart(*content, Path(temp))
+            else:
+                Path(temp).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for temp, target in staged:
+            os.replace(temp, target)
+    finally:
+        for temp, _ in staged:
+            if os.path.exists(temp):
+                os.remove(temp)
+
+
+# ---- the CLI -------------------------------------------------------------------------------
+
+def main(
+    data_paths=DEFAULT_DATA_PATHS,
+    output_dir: str = "data/",
+    mode: str = "codeup",
+    decontaminate_with="humaneval",
+    ngram: int = 13,
+    language_families=None,
+    agreement_top_k: int = 3,
+    batch_size: int = 64,
+):
+    """Filter instruction records by programming language.
+
+    Args:
+        data_paths: JSON-list or JSONL files, comma-separated or a list, read in order.
+        output_dir: where the filtered data, counts, charts and report go.
+        mode: `codeup` (the published rules) or `strict` (stricter, see the module docstring).
+        decontaminate_with: strict mode: `humaneval` and/or MBPP jsonl paths, comma-separated
+            (empty: no decontamination).
+        ngram: strict mode: length in whitespace tokens of the n-grams shared with a benchmark that drop a record.
+        language_families: strict mode: a JSON file or dict that overrides which Guesslang languages
+            agree with a named language, e.g. '{"Go": ["Go", "C"]}'.
+        agreement_top_k: strict mode: the output agrees with the instruction's language when a
+            language of its family is among Guesslang's top k guesses (1: Guesslang's answer only).
+        batch_size: texts per Guesslang call.
+    """
+    started = time.time()
+    if mode not in ("codeup", "strict"):
+        raise CodeUpError(f"--mode must be codeup or strict, not {mode!r}")
+    paths = parse_paths(data_paths)
+    families = load_families(language_families) if mode == "strict" else None
+    # Everything that can fail on bad input happens before the first output is written.
+    entries, inputs = [], {}
+    for path in paths:
+        records = read_file(path)
+        inputs[str(path)] = len(records)
+        entries += [(str(path), index, raw) for index, raw in enumerate(records)]
+    contamination = benchmark_ngrams(decontaminate_with, ngram) if mode == "strict" else None
+    print(f"Read {len(entries):,} records from {len(paths)} file(s); mode {mode}")
+
+    from utils.language_detection import Guesslang
+
+    kept, dropped, raw_counts, clean_counts = filter_records(
+        entries, mode, Guesslang(), families, contamination, ngram, agreement_top_k, batch_size
+    )
+    assert len(kept) + len(dropped) == len(entries)  # nothing is lost
+
+    dropped_by_reason = {reason: 0 for reason in DROP_REASONS}
+    for entry in dropped:
+        dropped_by_reason[entry["reason"]] += 1
+    prefix = "codeup" if mode == "codeup" else "codeup_strict"
+    data_file = f"{prefix}_{len(kept) // 1000}k.json"
+    report = {
+        "mode": mode, "inputs": inputs, "read": len(entries), "kept": len(kept), "dropped": len(dropped),
+        "dropped_by_reason": dropped_by_reason, "output": data_file,
+        "elapsed_seconds": round(time.time() - started, 2),
+    }
+    write_outputs(Path(output_dir), {
+        data_file: kept,
+        "pl_raw.json": raw_counts,
+        "pl_clean.json": clean_counts,
+        "unknown_pl_data.json": dropped,
+        "PL_Raw.png": (raw_counts, f"Languages named by the instructions ({len(entries):,} records)"),
+        "PL_Clean.png": (clean_counts, f"Languages after filtering ({len(kept):,} records, {mode})"),
+        "report.json": report,
+    })
+    print(f"Kept {len(kept):,}, dropped {len(dropped):,} "
+          f"({', '.join(f'{r} {n:,}' for r, n in dropped_by_reason.items() if n)}) in {report['elapsed_seconds']} s")
+    print(f"Wrote {Path(output_dir) / data_file} and the counts, charts and report beside it")
 
 
 if __name__ == "__main__":
