@@ -1,16 +1,426 @@
-"""Training stage: LoRA instruction tuning on an 8-bit (or 4-bit) base with PEFT.
+"""Training stage: LoRA instruction tuning of a Llama-family model (8-bit or 4-bit base optional).
 
-Not built yet: issue #4 fills this script. It runs as a fire CLI like every stage.
+    python finetune.py --data_path data/codeup_19k.json --output_dir ./lora-codeup
+    python finetune.py --base_model meta-llama/Llama-2-7b-hf --load_in_8bit \\
+        --lora_target_modules '[q_proj,k_proj,v_proj,o_proj]' --lora_r 16 --micro_batch_size 16
+    torchrun --nproc_per_node 2 finetune.py ...      # several processes (GPUs, or gloo on CPU)
+
+The steps, top to bottom: check every flag and the data (before any model loads), tokenize with
+the prompt masked out of the labels, load the base model, wrap it with LoRA, train with the
+transformers Trainer (checkpoints, resume, DDP, evaluation, logging), then save the adapter,
+the trainer's state and loss.png in --output_dir.
 """
 
-from utils.cli import run_cli
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+from datasets import load_dataset
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
+from utils.model_loading import DEFAULT_BASE_MODEL, load_model, load_tokenizer, module_names, resolve_model_reference
+from utils.prompter import Prompter
+from utils.tokenization import has_trainable_labels, tokenize_for_training
+
+CHECKPOINT_COMPLETE = "checkpoint_complete"  # written last into each checkpoint that is whole
 
 
-def main(**flags):
-    """Not built yet (issue #4)."""
-    raise CodeUpError("finetune.py is not built yet (issue #4)")
+def train(
+    # model and data
+    base_model: str = DEFAULT_BASE_MODEL,
+    data_path: str = "data/codeup_19k.json",
+    output_dir: str = "./lora-codeup",
+    prompt_template_name: str = "alpaca",
+    # training hyper-parameters
+    batch_size: int = 128,
+    micro_batch_size: int = 4,
+    num_epochs: float = 3,
+    max_steps: int = -1,
+    learning_rate: float = 3e-4,
+    warmup_steps: float = 100,
+    cutoff_len: int = 512,
+    val_set_size: int = 2000,
+    seed: int = 42,
+    # LoRA
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules=("q_proj", "v_proj"),
+    # data handling
+    train_on_inputs: bool = True,
+    add_eos_token: bool = True,
+    group_by_length: bool = False,
+    packing: bool = True,
+    # precision and memory
+    load_in_8bit: bool | None = None,
+    load_in_4bit: bool = False,
+    precision: str = "auto",
+    gradient_checkpointing: bool = False,
+    # checkpoints and logging
+    save_steps: int = 200,
+    eval_steps: int = 200,
+    logging_steps: int = 10,
+    save_total_limit: int = 3,
+    resume_from_checkpoint=None,
+    report_to: str = "none",
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    wandb_watch: str = "",
+    wandb_log_model: str = "",
+):
+    """LoRA-tune BASE_MODEL on the instruction records in DATA_PATH and save the adapter.
 
+    Args:
+        base_model: hub id, local HF folder, .gguf file, or smollm2-135m (the embedded default).
+        data_path: a JSON list / JSONL file of {instruction, input, output} records, or a hub dataset id.
+        output_dir: where checkpoints, the adapter (adapter_model.safetensors), loss.png and the
+            trainer's state go.
+        prompt_template_name: a template in templates/ or a path to a JSON template.
+        batch_size: examples per optimizer step (all processes together).
+        micro_batch_size: examples per forward pass and process; gradient accumulation makes up
+            the difference: batch_size // micro_batch_size // number of processes.
+        num_epochs: passes over the training data (ignored when max_steps > 0).
+        max_steps: optimizer steps to run; -1 means num_epochs.
+        learning_rate: peak learning rate (linear warmup, then linear decay).
+        warmup_steps: warmup length in steps (a float below 1 is a share of all steps).
+        cutoff_len: the longest example in tokens; longer ones are truncated.
+        val_set_size: examples held out for evaluation (0: none; clamped to a tenth of small data).
+        seed: seeds the data split, the shuffling, LoRA's initialization and dropout.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling (the update is scaled by lora_alpha / lora_r).
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: module names to adapt: a list, '[q_proj,v_proj]' or 'q_proj,v_proj'.
+        train_on_inputs: also learn the prompt (False: the loss covers the response only).
+        add_eos_token: end every example with EOS, so the model learns to stop.
+        group_by_length: batch examples of similar length together (less padding, faster).
+        packing: padding-free batches: the examples of a micro-batch are concatenated into one
+            row, with position ids restarting at each example so that none attends to another.
+        load_in_8bit: 8-bit base (LLM.int8); default: on when CUDA is present.
+        load_in_4bit: 4-bit NF4 base (QLoRA).
+        precision: auto (bf16 where supported, CPU included; fp16 on older GPUs), bf16, fp16 or fp32.
+        gradient_checkpointing: recompute activations in the backward pass: less memory, slower.
+        save_steps: steps between checkpoints.
+        eval_steps: steps between evaluations (when val_set_size > 0).
+        logging_steps: steps between loss logs.
+        save_total_limit: checkpoints to keep (the oldest are deleted).
+        resume_from_checkpoint: a checkpoint folder, or True for the latest whole checkpoint in output_dir.
+        report_to: none, tensorboard or wandb.
+        wandb_project: Weights & Biases project (setting it turns on report_to=wandb).
+        wandb_run_name: run name shown in the logger.
+        wandb_watch: wandb gradient logging: false, gradients or all.
+        wandb_log_model: wandb model upload: false, end or checkpoint.
+    """
+    target_modules = parse_list(lora_target_modules)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    gradient_accumulation_steps = check_batch_sizes(batch_size, micro_batch_size, world_size)
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise CodeUpError(f"--precision must be auto, bf16, fp16 or fp32, not {precision!r}")
+    report_to = configure_reporting(report_to, wandb_project, wandb_watch, wandb_log_model)
+    checkpoint = find_checkpoint(resume_from_checkpoint, output_dir)
+
+    cuda = torch.cuda.is_available()
+    if load_in_8bit is None:
+        load_in_8bit = cuda and not load_in_4bit
+    check_target_modules(target_modules, module_names(resolve_model_reference(base_model)))
+    records = load_records(data_path)  # every data error surfaces here, before the model loads
+
+    transformers.set_seed(seed)
+    tokenizer = load_tokenizer(base_model, padding_side="right")
+    train_data, val_data = tokenize_records(
+        records, tokenizer, prompt_template_name, cutoff_len, train_on_inputs, add_eos_token, val_set_size, seed
+    )
+    dtype, mixed_precision = resolve_precision(precision, cuda)
+    model = build_lora_model(
+        base_model, tokenizer, load_in_8bit, load_in_4bit, dtype, gradient_checkpointing,
+        lora_r, lora_alpha, lora_dropout, target_modules,
+    )
+
+    trainer = build_trainer(
+        model, tokenizer, train_data, val_data, output_dir, micro_batch_size, gradient_accumulation_steps,
+        num_epochs, max_steps, learning_rate, warmup_steps, mixed_precision, gradient_checkpointing,
+        group_by_length, packing, save_steps, eval_steps, logging_steps, save_total_limit, report_to,
+        wandb_run_name, seed, world_size,
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    # The adapter (adapter_model.safetensors + adapter_config.json) and tokenizer; process 0 only.
+    trainer.save_model(output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        plot_losses(trainer.state.log_history, Path(output_dir) / "loss.png")
+        print(f"Saved the LoRA adapter, trainer_state.json and loss.png in {output_dir}")
+    return trainer
+
+
+# ---- checks that run before anything heavy ----------------------------------------------
+
+def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    if micro_batch_size < 1 or batch_size < micro_batch_size * world_size:
+        raise CodeUpError(
+            f"--batch_size ({batch_size}) must be at least --micro_batch_size ({micro_batch_size}) "
+            f"times the number of processes ({world_size})"
+        )
+    steps = batch_size // micro_batch_size // world_size
+    if steps * micro_batch_size * world_size != batch_size:
+        warnings.warn(f"batch_size {batch_size} is not a multiple of micro_batch_size x processes: "
+                      f"each step uses {steps * micro_batch_size * world_size} examples")
+    return steps
+
+
+def check_target_modules(target_modules: list[str], available: set[str]) -> None:
+    if not target_modules:
+        raise CodeUpError("--lora_target_modules names no module")
+    unknown = [name for name in target_modules if name not in available]
+    if unknown:
+        raise CodeUpError(
+            f"--lora_target_modules: the model has no module named {', '.join(unknown)}; "
+            f"its linear layers are {', '.join(sorted(available))}"
+        )
+
+
+def configure_reporting(report_to: str, wandb_project: str, wandb_watch: str, wandb_log_model: str) -> str:
+    if wandb_project:
+        report_to = "wandb"
+        os.environ["WANDB_PROJECT"] = wandb_project
+    if wandb_watch:
+        os.environ["WANDB_WATCH"] = wandb_watch
+    if wandb_log_model:
+        os.environ["WANDB_LOG_MODEL"] = wandb_log_model
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise CodeUpError(f"--report_to must be none, tensorboard or wandb, not {report_to!r}")
+    return report_to
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    return (folder / CHECKPOINT_COMPLETE).is_file()
+
+
+def find_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from: the one named, or with True the latest whole one in
+    output_dir. A checkpoint whose writing was interrupted has no completion marker and is skipped."""
+    if resume_from_checkpoint in (None, False, "", "False", "false"):
+        return None
+    if resume_from_checkpoint in (True, "True", "true"):
+        folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                         if p.name.split("-")[-1].isdigit() else -1)
+        for folder in reversed(folders):
+            if is_complete_checkpoint(folder):
+                return str(folder)
+            print(f"Skipping {folder}: its writing did not finish", file=sys.stderr)
+        raise CodeUpError(f"--resume_from_checkpoint: no whole checkpoint in {output_dir}")
+    folder = Path(str(resume_from_checkpoint)).expanduser()
+    if not folder.is_dir():
+        raise CodeUpError(f"--resume_from_checkpoint: {folder} is not a folder")
+    if not is_complete_checkpoint(folder):
+        raise CodeUpError(f"--resume_from_checkpoint: {folder} is not a whole checkpoint (its writing did not finish)")
+    return str(folder)
+
+
+def load_records(data_path: str):
+    """The records as a datasets.Dataset with string instruction, input and output columns."""
+    path = Path(str(data_path)).expanduser()
+    try:
+        if path.suffix in (".json", ".jsonl"):
+            if not path.is_file():
+                raise CodeUpError(f"data file not found: {path} (run data/preprocess.py, or pass --data_path)")
+            records = load_dataset("json", data_files=str(path), split="train")
+        elif path.exists():
+            raise CodeUpError(f"--data_path {path}: expected a .json or .jsonl file")
+        else:
+            records = load_dataset(str(data_path), split="train")
+    except CodeUpError:
+        raise
+    except Exception as error:  # datasets raises many kinds; all mean "cannot read this data"
+        raise CodeUpError(f"cannot read --data_path {data_path}: {str(error).splitlines()[0]}") from None
+
+    missing = [column for column in ("instruction", "output") if column not in records.column_names]
+    if missing:
+        raise CodeUpError(f"{data_path}: the records have no {' or '.join(missing)} field")
+    if "input" not in records.column_names:
+        records = records.add_column("input", [""] * len(records))
+    bad = [
+        i for i, (instruction, input_text, output) in enumerate(zip(records["instruction"], records["input"], records["output"]))
+        if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(input_text, (str, type(None)))
+    ]
+    if bad:
+        raise CodeUpError(f"{data_path}: {len(bad)} record(s) lack a string instruction or output (first: record {bad[0]})")
+    if len(records) == 0:
+        raise CodeUpError(f"{data_path} has no records")
+    return records.select_columns(["instruction", "input", "output"])
+
+
+# ---- data -------------------------------------------------------------------------------
+
+def tokenize_records(records, tokenizer, template, cutoff_len, train_on_inputs, add_eos_token, val_set_size, seed):
+    """Split off the validation set, then tokenize (prompt masked unless train_on_inputs)."""
+    prompter = Prompter(template)
+
+    def tokenize(record):
+        prompt = prompter.generate_prompt(record["instruction"], record["input"])
+        return tokenize_for_training(tokenizer, prompt, record["output"], cutoff_len, train_on_inputs, add_eos_token)
+
+    if val_set_size > 0 and val_set_size >= len(records) // 2:
+        clamped = max(1, len(records) // 10) if len(records) >= 2 else 0
+        warnings.warn(f"val_set_size {val_set_size} is too large for {len(records)} records; using {clamped}")
+        val_set_size = clamped
+    splits = records.train_test_split(test_size=val_set_size, shuffle=True, seed=seed) if val_set_size > 0 else None
+    parts = [splits["train"], splits["test"]] if splits else [records, None]
+    tokenized = []
+    for part in parts:
+        if part is None:
+            tokenized.append(None)
+            continue
+        part = part.map(tokenize, remove_columns=part.column_names, desc="Tokenizing")
+        trainable = part.filter(has_trainable_labels, desc="Dropping examples with no label")
+        if len(trainable) < len(part):
+            warnings.warn(f"{len(part) - len(trainable)} example(s) have a prompt longer than cutoff_len "
+                          f"({cutoff_len} tokens) and nothing left to learn; they are skipped")
+        tokenized.append(trainable)
+    if len(tokenized[0]) == 0:
+        raise CodeUpError("no training example is left: raise --cutoff_len")
+    return tokenized[0], tokenized[1]
+
+
+# ---- model ------------------------------------------------------------------------------
+
+def resolve_precision(precision: str, cuda: bool):
+    """(dtype for the frozen base weights, mixed-precision mode for the Trainer)."""
+    if precision == "auto":
+        if cuda:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:  # bf16 on CPUs with native bf16 matmul (AVX512-BF16, AMX); fp32 elsewhere
+            precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise CodeUpError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    # fp16 training keeps the base in fp16 but the trainable LoRA weights in fp32 (PEFT's default).
+    return dtype, precision
+
+
+def build_lora_model(base_model, tokenizer, load_in_8bit, load_in_4bit, dtype, gradient_checkpointing,
+                     lora_r, lora_alpha, lora_dropout, target_modules):
+    model = load_model(base_model, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # No KV cache while training: it is useless there, and without it the attention masks of
+    # packed rows follow the position ids (no example attends to another).
+    model.config.use_cache = False
+    if load_in_8bit or load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+# ---- training ---------------------------------------------------------------------------
+
+def build_trainer(model, tokenizer, train_data, val_data, output_dir, micro_batch_size, gradient_accumulation_steps,
+                  num_epochs, max_steps, learning_rate, warmup_steps, precision, gradient_checkpointing,
+                  group_by_length, packing, save_steps, eval_steps, logging_steps, save_total_limit, report_to,
+                  run_name, seed, world_size):
+    evaluate = val_data is not None
+    args = transformers.TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        report_to=report_to,
+        run_name=run_name or None,
+        seed=seed,
+        data_seed=seed,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    if packing:
+        collator = transformers.DataCollatorWithFlattening()
+    else:
+        collator = transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    return transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=val_data,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[MarkCompleteCheckpoints()],
+    )
+
+
+class MarkCompleteCheckpoints(transformers.TrainerCallback):
+    """Writes a marker into each checkpoint once every process has finished writing it, so that
+    resuming never picks a checkpoint that a killed process left half-written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # the other processes' RNG states are in the folder too
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            temp = folder / f".{CHECKPOINT_COMPLETE}.tmp"
+            temp.write_text(f"{state.global_step}\n")
+            os.replace(temp, folder / CHECKPOINT_COMPLETE)
+
+
+def plot_losses(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    figure, axes = plt.subplots(figsize=(8, 5))
+    if train:
+        axes.plot(*zip(*train), label="train loss", marker="." if len(train) < 50 else None)
+    if evaluation:
+        axes.plot(*zip(*evaluation), label="eval loss", marker="o")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title("Training loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+@functools.wraps(train)
+def main(*args, **flags):
+    """The CLI: train, and return nothing (fire would print the trainer)."""
+    train(*args, **flags)
 
 if __name__ == "__main__":
     run_cli(main)

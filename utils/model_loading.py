@@ -110,6 +110,15 @@ def materialize_gguf(gguf_path: Path) -> Path:
     return target
 
 
+def module_names(model_path: str) -> set[str]:
+    """Names usable in LoRA's target_modules: the short names of the model's linear layers
+    (q_proj, ...), found on the meta device, so no weight is read."""
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
