@@ -1,44 +1,168 @@
-"""Inference stage: answer an instruction with a base model (+ optional LoRA adapter).
+"""Inference stage: chat with a model in a Gradio page, or answer instructions from the command line.
 
-    python generate.py --instruction "Write a Python function that reverses a string."
+    python generate.py                                   # web demo on http://127.0.0.1:7860
+    python generate.py --lora_weights ./lora-codeup      # base model + your adapter
+    python generate.py --instruction "Reverse a string in Python."          # print one answer
+    python generate.py --prompts_file in.jsonl --output_file out.jsonl      # answer a file, batched
 
-The Gradio web demo, streaming and batch files arrive with the inference issue; this is the
-scripted single-answer mode, built on the shared loading and prompt code.
+One Generator (utils/generation.py) serves all three: it builds the prompt from the template,
+generates (greedy when temperature is 0; streamed with transformers' TextIteratorStreamer), stops
+at EOS or where the model starts a new template section, and returns only the response.
 """
+
+import json
+import warnings
+from pathlib import Path
 
 import torch
 
 from utils.cli import run_cli
 from utils.errors import CodeUpError
-from utils.model_loading import DEFAULT_BASE_MODEL, load_model_and_tokenizer
-from utils.prompter import Prompter
+from utils.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
+from utils.model_loading import DEFAULT_BASE_MODEL
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+EMPTY_INSTRUCTION = "Please enter an instruction."
+BEAMS_DO_NOT_STREAM = "Beam search cannot stream: the answer appears when it is complete."
+
+
+# ---- the web page -------------------------------------------------------------------------
+
+def build_demo(generator: Generator):
+    import gradio as gr
+
+    def generate(instruction, input, temperature, top_p, top_k, num_beams, max_new_tokens, stream_output):
+        if not instruction or not str(instruction).strip():
+            yield EMPTY_INSTRUCTION
+            return
+        settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams,
+                        max_new_tokens=max_new_tokens)
+        if stream_output and clamp(num_beams, BEAMS, int) > 1:
+            gr.Warning(BEAMS_DO_NOT_STREAM)
+            stream_output = False
+        if stream_output:
+            yield from generator.stream(instruction, input, **settings)
+        else:
+            yield generator.answer(instruction, input, **settings)
+
+    return gr.Interface(
+        fn=generate,
+        inputs=[
+            gr.Textbox(lines=2, label="Instruction", placeholder="Write a Python function that reverses a string."),
+            gr.Textbox(lines=2, label="Input", placeholder="none"),
+            gr.Slider(*TEMPERATURE[:2], value=TEMPERATURE[2], step=0.05, label="Temperature (0: greedy)"),
+            gr.Slider(*TOP_P[:2], value=TOP_P[2], step=0.05, label="Top p"),
+            gr.Slider(*TOP_K[:2], value=TOP_K[2], step=1, label="Top k"),
+            gr.Slider(*BEAMS[:2], value=BEAMS[2], step=1, label="Beams"),
+            gr.Slider(*MAX_NEW_TOKENS[:2], value=MAX_NEW_TOKENS[2], step=1, label="Max tokens"),
+            gr.Checkbox(value=True, label="Stream output"),
+        ],
+        outputs=gr.Textbox(lines=8, label="Output"),
+        title="CodeUp",
+        description="A Llama-family model tuned on code instructions. Write an instruction (and optional input).",
+        flagging_mode="never",
+        api_name="generate",
+        concurrency_limit=1,  # one generation at a time per model; the rest wait in the queue
+    )
+
+
+# ---- batch files ----------------------------------------------------------------------------
+
+def read_prompts(path: Path) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise CodeUpError(f"--prompts_file not found: {path}")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CodeUpError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise CodeUpError(f"{path} line {number}: expected an object with an instruction string")
+        records.append((record["instruction"], record.get("input") or ""))
+    return records
+
+
+def answer_file(generator, prompts_file, output_file, batch_size, settings):
+    from tqdm.auto import tqdm
+
+    records = read_prompts(Path(prompts_file))
+    output = Path(output_file)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8") as lines, tqdm(total=len(records), desc="Generating", unit="prompt") as bar:
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            for (instruction, input), response in zip(batch, generator.answer_batch(batch, **settings)):
+                lines.write(json.dumps({"instruction": instruction, "input": input, "response": response}, ensure_ascii=False) + "\n")
+            bar.update(len(batch))
+    print(f"Wrote {len(records)} answers to {output}")
 
 
 def main(
-    base_model: str = DEFAULT_BASE_MODEL,  # hub id, local HF folder, .gguf file, or smollm2-135m
-    lora_weights: str | None = None,  # a LoRA adapter folder trained by finetune.py
-    prompt_template: str = "alpaca",  # template name in templates/ or a JSON path
-    instruction: str | None = None,  # the task to answer
-    input: str | None = None,  # optional context for the task
-    max_new_tokens: int = 256,
+    base_model: str = DEFAULT_BASE_MODEL,
+    lora_weights: str = "",
     load_8bit: bool = False,
+    prompt_template: str = "alpaca",
+    server_name: str = "127.0.0.1",
+    server_port: int = 7860,
+    share_gradio: bool = False,
+    instruction: str = "",
+    input: str = "",
+    prompts_file: str = "",
+    output_file: str = "",
+    batch_size: int = 8,
+    temperature: float = TEMPERATURE[2],
+    top_p: float = TOP_P[2],
+    top_k: int = TOP_K[2],
+    num_beams: int = BEAMS[2],
+    max_new_tokens: int = MAX_NEW_TOKENS[2],
+    seed: int | None = None,
 ):
-    """Print the model's answer to --instruction (greedy decoding)."""
-    if not instruction or not str(instruction).strip():
-        raise CodeUpError("give an instruction: python generate.py --instruction 'Write ...'")
-    prompter = Prompter(prompt_template)
-    model, tokenizer = load_model_and_tokenizer(base_model, padding_side="left", load_in_8bit=load_8bit)
-    if lora_weights:
-        from peft import PeftModel
+    """Start the web demo, or answer --instruction or a --prompts_file and exit.
 
-        model = PeftModel.from_pretrained(model, lora_weights)
-    model.eval()
-    prompt = prompter.generate_prompt(str(instruction), input)
-    batch = tokenizer(prompt, return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    text = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(prompter.response_from_continuation(text))
+    Args:
+        base_model: hub id, local HF folder (e.g. a merged export), .gguf file, or smollm2-135m.
+        lora_weights: a LoRA adapter folder from finetune.py (none: the base model alone).
+        load_8bit: load the base model in 8-bit (bitsandbytes).
+        prompt_template: a template in templates/ or a path to a JSON template (use the training one).
+        server_name: address the page listens on; 127.0.0.1 keeps it on this machine.
+        server_port: port of the page.
+        share_gradio: also open a public gradio.live link (anyone with it can use your model).
+        instruction: answer this instruction, print the response and exit (no page).
+        input: optional context for --instruction.
+        prompts_file: answer every line of this JSONL file ({"instruction", "input"}) and exit.
+        output_file: where --prompts_file's answers go (JSONL: instruction, input, response).
+        batch_size: prompts generated together in --prompts_file mode.
+        temperature: sampling temperature; 0 means greedy decoding (CLI modes).
+        top_p: nucleus sampling threshold (CLI modes).
+        top_k: top-k sampling (CLI modes).
+        num_beams: beam search width (CLI modes).
+        max_new_tokens: the longest answer in tokens (CLI modes).
+        seed: seeds sampling, for repeatable answers.
+    """
+    if prompts_file and not output_file:
+        raise CodeUpError("--prompts_file needs --output_file")
+    if batch_size < 1:
+        raise CodeUpError("--batch_size must be at least 1")
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    scripted = bool(str(instruction).strip()) or bool(prompts_file)
+    if not scripted and server_name not in LOOPBACK:
+        warnings.warn(f"the page listens on {server_name}: other machines on your network can use it")
+    generator = Generator(base_model, lora_weights or None, load_8bit, prompt_template)
+    if prompts_file:
+        return answer_file(generator, prompts_file, output_file, batch_size, settings)
+    if str(instruction).strip():
+        print(generator.answer(str(instruction), str(input), **settings))
+        return None
+    if share_gradio:
+        warnings.warn("--share_gradio: a public link to this page will exist for 72 hours")
+    demo = build_demo(generator)
+    demo.queue(max_size=64).launch(server_name=server_name, server_port=server_port, share=share_gradio)
+    return None
 
 
 if __name__ == "__main__":

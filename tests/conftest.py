@@ -28,7 +28,7 @@ TOKENIZER_CORPUS = [
 ]
 
 
-def build_tiny_llama(folder: Path, tie_word_embeddings: bool = False, seed: int = 0) -> Path:
+def build_tiny_llama(folder: Path, tie_word_embeddings: bool = False, seed: int = 0, hidden_size: int = 64) -> Path:
     """A 2-layer random Llama with its own SentencePiece (byte-fallback BPE) tokenizer, saved as an
     HF folder. Unknown characters (emoji, CJK) fall back to bytes, as in Llama 2's tokenizer."""
     import sentencepiece as spm
@@ -47,7 +47,7 @@ def build_tiny_llama(folder: Path, tie_word_embeddings: bool = False, seed: int 
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie_word_embeddings,
     )

@@ -5,6 +5,7 @@
 - prompter.py: prompt templates (build a prompt, cut the response out of generated text)
 - tokenization.py: tokenization and label masking for training
 - model_loading.py: models and tokenizers from a hub id, a folder, a .gguf file or `smollm2-135m`
+- generation.py: Generator, prompt in and response out (greedy, sampled, streamed, batched)
 - language_detection.py: Guesslang's programming-language model, batched
 - benchmarks.py: HumanEval and MBPP problems
 

@@ -1,0 +1,204 @@
+"""The inference stage: CLI and batch modes, the Gradio API, and a real browser."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import ROOT, build_tiny_llama
+from utils.model_loading import load_model_and_tokenizer
+from utils.prompter import Prompter
+
+INSTRUCTIONS = [
+    ("Write a Python function that adds two numbers.", ""),
+    ("Sort the list.", "[3, 1, 2]"),
+    ("Print hello in Java.", ""),
+    ("Explain recursion.", ""),
+    ("Write SQL for all users.", "table: users"),
+]
+
+
+def plain_greedy(model, tokenizer, instruction, input, max_new_tokens):
+    """model.generate on one unpadded prompt, the response cut as the template says."""
+    prompter = Prompter()
+    batch = tokenizer(prompter.generate_prompt(instruction, input), return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
+    text = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return prompter.response_from_continuation(text)
+
+
+def run_generate(*args):
+    return subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_answer_equals_plain_greedy_generate(tiny_llama_dir):
+    model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir))
+    instruction, input = INSTRUCTIONS[1]
+    result = run_generate("--base_model", tiny_llama_dir, "--instruction", instruction, "--input", input,
+                          "--temperature", 0, "--max_new_tokens", 16)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.rstrip("\n") == plain_greedy(model, tokenizer, instruction, input, 16)
+
+
+def test_batched_file_mode_equals_one_by_one_greedy(tiny_llama_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"instruction": i, "input": x}) for i, x in INSTRUCTIONS) + "\n")
+    answers = tmp_path / "out" / "answers.jsonl"
+    result = run_generate("--base_model", tiny_llama_dir, "--prompts_file", prompts, "--output_file", answers,
+                          "--batch_size", 2, "--temperature", 0, "--max_new_tokens", 12)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir))
+    assert [(line["instruction"], line["input"]) for line in lines] == INSTRUCTIONS
+    assert [line["response"] for line in lines] == [plain_greedy(model, tokenizer, i, x, 12) for i, x in INSTRUCTIONS]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--prompts_file not found"),
+    ('{"instruction": "ok"}\nnot json\n', "line 2: not valid JSON"),
+    ('{"input": "no instruction"}\n', "line 1: expected an object with an instruction string"),
+])
+def test_bad_prompts_files_fail_in_one_line(tiny_llama_dir, tmp_path, content, message):
+    prompts = tmp_path / "prompts.jsonl"
+    if content is not None:
+        prompts.write_text(content)
+    result = run_generate("--base_model", tiny_llama_dir, "--prompts_file", prompts, "--output_file", tmp_path / "o.jsonl")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_lora_from_another_model_is_a_clear_startup_error(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    other = build_tiny_llama(tmp_path / "wider", hidden_size=32)
+    model, _ = load_model_and_tokenizer(str(other))
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
+    result = run_generate("--base_model", tiny_llama_dir, "--lora_weights", tmp_path / "adapter", "--instruction", "hi")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not fit base model" in result.stderr.strip().splitlines()[-1]
+    result = run_generate("--base_model", tiny_llama_dir, "--lora_weights", tmp_path, "--instruction", "hi")
+    assert "no adapter_config.json" in result.stderr.strip().splitlines()[-1]
+
+
+# ---- the web page ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir):
+    """The page on the real SmolLM2-135M: its answers are text a person can read, and stream word by word."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    process = subprocess.Popen([sys.executable, "generate.py", "--server_port", str(port)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"generate.py exited: {process.stdout.read()[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("the page did not start in 180 s")
+    yield {"url": f"http://127.0.0.1:{port}/", "port": port, "pid": process.pid}
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def client(server):
+    from gradio_client import Client
+
+    return Client(server["url"], analytics_enabled=False, verbose=False, download_files=False)
+
+
+ARGS = dict(input="", temperature=0, top_p=0.75, top_k=40, num_beams=1, max_new_tokens=24)
+
+
+def test_predict_answers_greedily(server):
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    instruction = INSTRUCTIONS[0][0]
+    answer = client(server).predict(instruction, *ARGS.values(), False, api_name="/generate")
+    assert answer == plain_greedy(model, tokenizer, instruction, "", 24)
+
+
+def test_streamed_job_grows_and_ends_with_the_result(server):
+    job = client(server).submit(INSTRUCTIONS[3][0], *ARGS.values(), True, api_name="/generate")
+    result = job.result(timeout=120)
+    updates = [update for update in job.outputs() if update]
+    assert len(updates) >= 3
+    assert all(later.startswith(earlier) for earlier, later in zip(updates, updates[1:]))
+    assert len(set(updates)) >= 3  # it really grew, token by token
+    assert updates[-1] == result
+
+
+def test_empty_instruction_and_out_of_range_values_get_answers(server):
+    api = client(server)
+    assert api.predict("   ", *ARGS.values(), True, api_name="/generate") == "Please enter an instruction."
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="greater than maximum value 1.0"):  # refused with a message
+        api.predict("Hello", "", 0, 5.0, 40, 1, 8, False, api_name="/generate")
+    beams = api.predict("Hello", "", 0, 0.75, 40, 2, 8, True, api_name="/generate")  # falls back to non-streamed
+    assert isinstance(beams, str)
+
+
+def test_eight_concurrent_clients_are_all_answered(server):
+    answers = [None] * 8
+
+    def ask(i):
+        answers[i] = client(server).predict(f"Task number {i}", *ARGS.values(), True, api_name="/generate")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert all(isinstance(answer, str) for answer in answers)
+
+
+def test_page_listens_on_loopback_only_by_default(server):
+    listening = [c.laddr for c in psutil.Process(server["pid"]).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == server["port"]]
+    assert listening and all(address.ip == "127.0.0.1" for address in listening)
+
+
+def test_a_real_browser_streams_an_answer(server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists("/usr/bin/chromium"):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (.ci/run does)")
+        pytest.skip("Debian's chromium is not installed: apt-get install chromium")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server["url"])
+        page.get_by_role("textbox", name="Instruction").fill("Write a Python function that adds two numbers.")
+        page.get_by_role("button", name="Submit").click()
+        output = page.get_by_role("textbox", name="Output")
+        page.wait_for_function("el => el.value.length > 0", arg=output.element_handle(), timeout=120_000)
+        page.wait_for_timeout(1500)
+        screenshot = ROOT / "tests" / "artifacts" / "generate_page.png"
+        screenshot.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        text = output.input_value()
+        browser.close()
+    assert text and text != "Please enter an instruction."
+    assert screenshot.stat().st_size > 10_000
