@@ -47,7 +47,8 @@ if ! installed runtime "$runtime_key"; then
   echo "$runtime_key" > "$VENV/.codeup-runtime"
 fi
 if [[ $DEV == 1 ]] && ! installed dev "$dev_key"; then
-  "${pip[@]}" -r requirements-dev.txt
+  # llama-cpp-python compiles llama.cpp; a portable build (no -march=native) runs on any x86-64.
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${pip[@]}" -r requirements-dev.txt
   echo "$dev_key" > "$VENV/.codeup-dev"
 fi
 echo "setup: installed into $VENV in $((SECONDS - start)) s ($(du -sh "$VENV" | cut -f1))"
