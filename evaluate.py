@@ -22,6 +22,7 @@ import numpy as np
 from utils.benchmarks import load_humaneval, load_mbpp
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
+from utils.jsonl import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
 from utils.sandbox import Limits, isolation, run_programs
 
@@ -145,17 +146,9 @@ def generate_samples(problems, base_model, lora_weights, prompt_template, n_samp
 def read_samples(samples_file: str, problems: list[dict]) -> list[dict]:
     """Given completions (jsonl: task_id, completion), for the problems they name."""
     path = Path(samples_file).expanduser()
-    if not path.is_file():
-        raise CodeUpError(f"--samples_file not found: {path}")
     known = {p["task_id"] for p in problems}
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CodeUpError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+    for number, record in read_jsonl(path, missing="--samples_file not found"):
         if not isinstance(record, dict) or not isinstance(record.get("completion"), str) or "task_id" not in record:
             raise CodeUpError(f"{path} line {number}: expected an object with task_id and a completion string")
         if record["task_id"] in known:

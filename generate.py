@@ -19,6 +19,7 @@ import torch
 from utils.cli import run_cli
 from utils.errors import CodeUpError
 from utils.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
+from utils.jsonl import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -69,16 +70,8 @@ def build_demo(generator: Generator):
 # ---- batch files ----------------------------------------------------------------------------
 
 def read_prompts(path: Path) -> list[tuple[str, str]]:
-    if not path.is_file():
-        raise CodeUpError(f"--prompts_file not found: {path}")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CodeUpError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+    for number, record in read_jsonl(path, missing="--prompts_file not found"):
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
             raise CodeUpError(f"{path} line {number}: expected an object with an instruction string")
         records.append((record["instruction"], record.get("input") or ""))

@@ -16,7 +16,6 @@ Prints a Markdown table for bench/RESULTS.md.
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fire  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
 SETTINGS = dict(micro_batch_size=4, batch_size=16, cutoff_len=512, learning_rate=3e-4)
@@ -136,14 +136,6 @@ def matmul_peak(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> floa
     if device == "cuda":
         torch.cuda.synchronize()
     return 2 * size**3 * count / (time.perf_counter() - started)
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def main(

@@ -18,17 +18,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
 
 import fire  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 import preprocess  # noqa: E402
 from utils.language_detection import Guesslang  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def main(data_dir: str = str(ROOT.parent / "shared" / "data"), batch_size: int = 64):

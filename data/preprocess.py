@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.benchmarks import load_humaneval, load_mbpp  # noqa: E402
 from utils.cli import parse_list, run_cli  # noqa: E402
 from utils.errors import CodeUpError  # noqa: E402
+from utils.jsonl import read_jsonl  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA_PATHS = "data/code_alpaca_20k.json,data/new_codealpaca.json"
@@ -90,18 +91,12 @@ def parse_paths(data_paths) -> list[Path]:
 
 def read_file(path: Path) -> list:
     """The records of one JSON list or JSONL file; any error names the file (and the line)."""
+    missing = "data file not found"
     if not path.is_file():
-        raise CodeUpError(f"data file not found: {path} (see data/README.md for where to get it)")
-    text = path.read_text(encoding="utf-8")
+        raise CodeUpError(f"{missing}: {path} (see data/README.md for where to get it)")
     if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise CodeUpError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-        return records
+        return [record for _, record in read_jsonl(path, missing=missing)]
+    text = path.read_text(encoding="utf-8")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:
