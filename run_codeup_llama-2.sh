@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The CodeUp paper's recipe for Llama-2-7B on one 24 GB GPU, stage by stage:
-# filter the data -> LoRA-tune the 8-bit base -> merge and export -> evaluate.
-#   BASE_MODEL=meta-llama/Llama-2-7b-hf bash run_codeup_llama-2.sh [extra finetune.py flags]
-# (or pass the base model as the first argument). Llama 2 is gated on the hub: accept its licence
-# and `huggingface-cli login` first.
-# Note: the stage scripts are being built (issues #3-#8); this recipe is their target.
+# filter the data -> LoRA-tune the 8-bit base -> merge and export -> evaluate on HumanEval.
+#   bash run_codeup_llama-2.sh [BASE_MODEL] [extra finetune.py flags]
+#   BASE_MODEL=meta-llama/Llama-2-7b-hf bash run_codeup_llama-2.sh --num_epochs 3
+# Llama 2 is gated on the hub: accept its licence on the model page and `hf auth login` first
+# (a local HF folder works too). Needs data/code_alpaca_20k.json and data/new_codealpaca.json
+# (python data/download.py). Settings: OUTPUT_DIR, PY.
 set -euo pipefail
 cd "$(dirname "$0")"
-BASE_MODEL=${1:-${BASE_MODEL:-meta-llama/Llama-2-7b-hf}}
-[[ $# -gt 0 ]] && shift
-OUTPUT_DIR=${OUTPUT_DIR:-./codeup-llama-2-7b-hf}
+if [[ $# -gt 0 && $1 != --* ]]; then BASE_MODEL=$1; shift; fi
+BASE_MODEL=${BASE_MODEL:-meta-llama/Llama-2-7b-hf}
+NAME=$(basename "$BASE_MODEL")
+OUTPUT_DIR=${OUTPUT_DIR:-./codeup-$NAME}
 PY=${PY:-.venv/bin/python}
 
 $PY data/preprocess.py --data_paths data/code_alpaca_20k.json,data/new_codealpaca.json --output_dir data/
@@ -28,6 +30,6 @@ $PY finetune.py \
   "$@"
 
 $PY export_checkpoint.py --base_model "$BASE_MODEL" --lora_weights "$OUTPUT_DIR" \
-  --export_dir export_checkpoint/codeup-llama-2-7b --checkpoint_type hf
+  --export_dir "export_checkpoint/codeup-$NAME" --checkpoint_type hf --overwrite
 
-$PY evaluate.py --task humaneval --base_model "$BASE_MODEL" --lora_weights "$OUTPUT_DIR" --output_dir eval/
+$PY evaluate.py --task humaneval --base_model "export_checkpoint/codeup-$NAME/hf_ckpt" --output_dir "eval/codeup-$NAME"

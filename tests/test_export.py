@@ -1,7 +1,6 @@
 """The export stage: every export computes what base + adapter computes."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, build_tiny_llama
 import export_checkpoint  # noqa: E402
-from utils.model_loading import load_model, load_tokenizer, resolve_model_reference
+from utils.model_loading import load_model, load_tokenizer
 
 PROBE = "def fibonacci(n):\n    "
 
