@@ -8,6 +8,8 @@
 - generation.py: Generator, prompt in and response out (greedy, sampled, streamed, batched)
 - language_detection.py: Guesslang's programming-language model, batched
 - benchmarks.py: HumanEval and MBPP problems
+- sandbox.py: runs untrusted programs (model-written code) in isolated, limited subprocesses
+- jsonl.py: JSON Lines files, with errors that name the file and line
 
 Modules import their heavy libraries themselves, so that e.g. the data stage never loads torch.
 """
