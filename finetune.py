@@ -25,7 +25,14 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
-from utils.model_loading import DEFAULT_BASE_MODEL, load_model, load_tokenizer, module_names, resolve_model_reference
+from utils.model_loading import (
+    DEFAULT_BASE_MODEL,
+    fit_model_to_tokenizer,
+    load_model,
+    load_tokenizer,
+    module_names,
+    resolve_model_reference,
+)
 from utils.prompter import Prompter
 from utils.tokenization import has_trainable_labels, tokenize_for_training
 
@@ -307,9 +314,7 @@ def resolve_precision(precision: str, cuda: bool):
 def build_lora_model(base_model, tokenizer, load_in_8bit, load_in_4bit, dtype, gradient_checkpointing,
                      lora_r, lora_alpha, lora_dropout, target_modules):
     model = load_model(base_model, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, dtype=dtype)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+    fit_model_to_tokenizer(model, tokenizer)
     # No KV cache while training: it is useless there, and without it the attention masks of
     # packed rows follow the position ids (no example attends to another).
     model.config.use_cache = False

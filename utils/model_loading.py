@@ -203,9 +203,14 @@ def load_model_and_tokenizer(base_model: str = DEFAULT_BASE_MODEL, padding_side:
     """Both, consistent: the model knows the tokenizer's pad token, and has an embedding for it."""
     tokenizer = load_tokenizer(base_model, padding_side=padding_side)
     model = load_model(base_model, **model_options)
+    fit_model_to_tokenizer(model, tokenizer)
+    return model, tokenizer
+
+
+def fit_model_to_tokenizer(model, tokenizer) -> None:
+    """Give the model an embedding for every token (a pad token may have been added) and its pad id."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
