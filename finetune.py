@@ -33,7 +33,7 @@ from utils.model_loading import (
     module_names,
     resolve_model_reference,
 )
-from utils.prompter import Prompter
+from utils.prompter import Prompter, load_template, save_template_record
 from utils.tokenization import has_trainable_labels, tokenize_for_training
 
 CHECKPOINT_COMPLETE = "checkpoint_complete"  # written last into each checkpoint that is whole
@@ -155,6 +155,13 @@ def train(
         group_by_length, packing, save_steps, eval_steps, logging_steps, save_total_limit, report_to,
         wandb_run_name, seed, world_size,
     )
+    # The template travels with the adapter: generate.py, evaluate.py and export_checkpoint.py
+    # prompt it (and exports carry it as their chat template) exactly as it was trained.
+    template_record = dict(name=Path(prompt_template_name).stem, template=load_template(prompt_template_name))
+    if trainer.is_world_process_zero():
+        save_template_record(output_dir, **template_record)
+    # Before the completion marker, so a checkpoint marked whole always has its template.
+    trainer.callback_handler.callbacks.insert(0, RecordPromptTemplate(template_record))
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # The adapter (adapter_model.safetensors + adapter_config.json) and tokenizer; process 0 only.
@@ -383,6 +390,17 @@ def build_trainer(model, tokenizer, train_data, val_data, output_dir, micro_batc
         processing_class=tokenizer,
         callbacks=[MarkCompleteCheckpoints()],
     )
+
+
+class RecordPromptTemplate(transformers.TrainerCallback):
+    """Writes the training prompt template into each checkpoint (a checkpoint is an adapter too)."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            save_template_record(Path(args.output_dir) / f"checkpoint-{state.global_step}", **self.record)
 
 
 class MarkCompleteCheckpoints(transformers.TrainerCallback):

@@ -97,7 +97,7 @@ def main(
     base_model: str = DEFAULT_BASE_MODEL,
     lora_weights: str = "",
     load_8bit: bool = False,
-    prompt_template: str = "alpaca",
+    prompt_template: str | None = None,
     server_name: str = "127.0.0.1",
     server_port: int = 7860,
     share_gradio: bool = False,
@@ -119,7 +119,8 @@ def main(
         base_model: hub id, local HF folder (e.g. a merged export), .gguf file, or smollm2-135m.
         lora_weights: a LoRA adapter folder from finetune.py (none: the base model alone).
         load_8bit: load the base model in 8-bit (bitsandbytes).
-        prompt_template: a template in templates/ or a path to a JSON template (use the training one).
+        prompt_template: a template in templates/ or a JSON file; default: the one the adapter was
+            trained with (finetune.py records it), else alpaca. Another one works, with a warning.
         server_name: address the page listens on; 127.0.0.1 keeps it on this machine.
         server_port: port of the page.
         share_gradio: also open a public gradio.live link (anyone with it can use your model).

@@ -14,7 +14,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from utils.errors import CodeUpError
 from utils.model_loading import DEFAULT_BASE_MODEL, load_model_and_tokenizer
-from utils.prompter import Prompter
+from utils.prompter import Prompter, resolve_prompt_template
 
 # The page's controls: (minimum, maximum, default); values from the API are clamped to them.
 TEMPERATURE = (0.0, 1.0, 0.1)
@@ -46,8 +46,9 @@ class CancelOnEvent(StoppingCriteria):
 class Generator:
     """A model, its tokenizer and template; generates one request at a time."""
 
-    def __init__(self, base_model=DEFAULT_BASE_MODEL, lora_weights=None, load_8bit=False, prompt_template="alpaca"):
-        self.prompter = Prompter(prompt_template)
+    def __init__(self, base_model=DEFAULT_BASE_MODEL, lora_weights=None, load_8bit=False, prompt_template=None):
+        # None: the template the adapter was trained with (recorded by finetune.py), else alpaca.
+        self.prompter = Prompter(resolve_prompt_template(prompt_template, lora_weights))
         self.model, self.tokenizer = load_model_and_tokenizer(base_model, padding_side="left", load_in_8bit=load_8bit)
         if lora_weights:
             self.model = load_adapter(self.model, lora_weights, base_model)

@@ -1,13 +1,18 @@
 """Prompt templates: build a prompt from a record, and cut the response out of generated text."""
 
 import json
+import os
 import re
 from pathlib import Path
 
 from utils.errors import CodeUpError
+from utils.logs import logger
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_TEMPLATE = "alpaca"
+# Written by finetune.py into its output folder and every checkpoint: the template the adapter was
+# trained with (name and full content), so that every later stage prompts it the same way.
+TEMPLATE_RECORD = "prompt_template.json"
 REQUIRED_KEYS = ("description", "prompt_input", "prompt_no_input", "response_split")
 NO_INPUT_MARKERS = ("", "<noinput>")
 
@@ -16,8 +21,11 @@ def available_templates() -> list[str]:
     return sorted(path.stem for path in TEMPLATES_DIR.glob("*.json"))
 
 
-def load_template(name_or_path: str = DEFAULT_TEMPLATE) -> dict:
-    """Read a template by name (templates/NAME.json) or by path to a JSON file, and check it."""
+def load_template(name_or_path: str | dict = DEFAULT_TEMPLATE) -> dict:
+    """Read a template by name (templates/NAME.json) or by path to a JSON file, and check it
+    (a dict is a template already read, e.g. from an adapter's record: only checked)."""
+    if isinstance(name_or_path, dict):
+        return check_template(name_or_path, source="the adapter's recorded template")
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         path = TEMPLATES_DIR / f"{name_or_path}.json"
@@ -29,7 +37,14 @@ def load_template(name_or_path: str = DEFAULT_TEMPLATE) -> dict:
     try:
         template = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise CodeUpError(f"prompt template {path} is not valid JSON: {error}") from None
+        raise CodeUpError(f"prompt template {path} is not valid JSON: {error}") from error
+    return check_template(template, source=str(path))
+
+
+def check_template(template: dict, *, source: str) -> dict:
+    path = source
+    if not isinstance(template, dict):
+        raise CodeUpError(f"prompt template {path} is not a JSON object")
     missing = [key for key in REQUIRED_KEYS if key not in template]
     if missing:
         raise CodeUpError(f"prompt template {path} lacks the keys {', '.join(missing)}")
@@ -40,6 +55,50 @@ def load_template(name_or_path: str = DEFAULT_TEMPLATE) -> dict:
     return template
 
 
+def save_template_record(folder, *, name: str, template: dict) -> None:
+    """Record in `folder` (an adapter or checkpoint) the template it was trained with."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = folder / f".{TEMPLATE_RECORD}.tmp"
+    temp.write_text(json.dumps({"name": name, "template": template}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temp, folder / TEMPLATE_RECORD)
+
+
+def read_template_record(lora_weights) -> dict | None:
+    """{"name", "template"} recorded by finetune.py in an adapter folder; None for adapters from
+    elsewhere (or none at all)."""
+    if not lora_weights:
+        return None
+    path = Path(lora_weights).expanduser() / TEMPLATE_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        name = record["name"]
+        template = check_template(record["template"], source=str(path))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CodeUpError(f"{path}: not a prompt-template record written by finetune.py ({error})") from error
+    return {"name": name, "template": template}
+
+
+def resolve_prompt_template(prompt_template: str | None, lora_weights=None) -> dict:
+    """The template to prompt a model with: the one its adapter was trained with, unless
+    --prompt_template names another (allowed, with a warning: the model never saw that format);
+    without a record (a base model, an adapter from elsewhere): --prompt_template or the default."""
+    record = read_template_record(lora_weights)
+    if record is None:
+        return load_template(prompt_template or DEFAULT_TEMPLATE)
+    if prompt_template is None:
+        return record["template"]
+    chosen = load_template(prompt_template)
+    if chosen != record["template"]:
+        logger.warning(
+            f"{lora_weights} was trained with the prompt template {record['name']!r}; prompting it with "
+            f"{prompt_template!r} instead (leave --prompt_template out to use the training template)"
+        )
+    return chosen
+
+
 def has_input(input_text) -> bool:
     """Code Alpaca marks a missing input as "" (older Alpaca data as "<noinput>")."""
     return input_text is not None and input_text.strip() not in NO_INPUT_MARKERS
@@ -48,7 +107,7 @@ def has_input(input_text) -> bool:
 class Prompter:
     """Builds prompts with one template and extracts the model's answer from generated text."""
 
-    def __init__(self, template_name: str = DEFAULT_TEMPLATE):
+    def __init__(self, template_name: str | dict = DEFAULT_TEMPLATE):
         self.template = load_template(template_name)
         self.response_split = self.template["response_split"]
         # The section headers of the template ("### Instruction:", ...): when the model starts a
