@@ -22,7 +22,7 @@ import numpy as np
 from utils.benchmarks import load_humaneval, load_mbpp
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
-from utils.jsonl import read_jsonl
+from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
 from utils.sandbox import Limits, isolation, run_programs
 
@@ -148,7 +148,7 @@ def read_samples(samples_file: str, problems: list[dict]) -> list[dict]:
     path = Path(samples_file).expanduser()
     known = {p["task_id"] for p in problems}
     samples = []
-    for number, record in read_jsonl(path, missing="--samples_file not found"):
+    for number, record in read_jsonl(path, what="--samples_file"):
         if not isinstance(record, dict) or not isinstance(record.get("completion"), str) or "task_id" not in record:
             raise CodeUpError(f"{path} line {number}: expected an object with task_id and a completion string")
         if record["task_id"] in known:

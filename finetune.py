@@ -25,6 +25,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
+from utils.files import read_json, read_jsonl
 from utils.model_loading import (
     DEFAULT_BASE_MODEL,
     fit_model_to_tokenizer,
@@ -242,8 +243,10 @@ def load_records(data_path: str):
     path = Path(str(data_path)).expanduser()
     try:
         if path.suffix in (".json", ".jsonl"):
-            if not path.is_file():
+            if not path.exists():
                 raise CodeUpError(f"data file not found: {path} (run data/preprocess.py, or pass --data_path)")
+            # utils/files.py names what is wrong with a bad file (binary, truncated, a folder)
+            (read_jsonl if path.suffix == ".jsonl" else read_json)(path, what="--data_path")
             records = load_dataset("json", data_files=str(path), split="train")
         elif path.exists():
             raise CodeUpError(f"--data_path {path}: expected a .json or .jsonl file")
@@ -252,7 +255,7 @@ def load_records(data_path: str):
     except CodeUpError:
         raise
     except Exception as error:  # datasets raises many kinds; all mean "cannot read this data"
-        raise CodeUpError(f"cannot read --data_path {data_path}: {str(error).splitlines()[0]}") from None
+        raise CodeUpError(f"cannot read --data_path {data_path}: {str(error).splitlines()[0]}") from error
 
     missing = [column for column in ("instruction", "output") if column not in records.column_names]
     if missing:

@@ -19,7 +19,7 @@ import torch
 from utils.cli import run_cli
 from utils.errors import CodeUpError
 from utils.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
-from utils.jsonl import read_jsonl
+from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -71,7 +71,7 @@ def build_demo(generator: Generator):
 
 def read_prompts(path: Path) -> list[tuple[str, str]]:
     records = []
-    for number, record in read_jsonl(path, missing="--prompts_file not found"):
+    for number, record in read_jsonl(path, what="--prompts_file"):
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
             raise CodeUpError(f"{path} line {number}: expected an object with an instruction string")
         records.append((record["instruction"], record.get("input") or ""))

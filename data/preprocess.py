@@ -12,7 +12,8 @@ The published rules (`codeup`):
 family of the named language, empty outputs and exact duplicates dropped, and records sharing a long
 n-gram with HumanEval or MBPP dropped (decontamination).
 
-Writes to --output_dir: codeup_{kept//1000}k.json (codeup_strict_... in strict mode), pl_raw.json,
+Writes to --output_dir: codeup_{N}k.json for N thousand records kept (codeup_{N}.json below
+1,000; codeup_strict_... in strict mode), pl_raw.json,
 pl_clean.json, PL_Raw.png, PL_Clean.png, unknown_pl_data.json (every dropped record with its
 reason) and report.json.
 """
@@ -30,9 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.benchmarks import load_humaneval, load_mbpp  # noqa: E402
 from utils.cli import parse_list, run_cli  # noqa: E402
 from utils.errors import CodeUpError  # noqa: E402
-from utils.jsonl import read_jsonl  # noqa: E402
+from utils.files import read_json, read_jsonl  # noqa: E402
 
-DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA_PATHS = "data/code_alpaca_20k.json,data/new_codealpaca.json"
 
 # (keyword in the instruction, language it counts as), tried in this order: the published list.
@@ -91,19 +91,19 @@ def parse_paths(data_paths) -> list[Path]:
 
 def read_file(path: Path) -> list:
     """The records of one JSON list or JSONL file; any error names the file (and the line)."""
-    missing = "data file not found"
-    if not path.is_file():
-        raise CodeUpError(f"{missing}: {path} (see data/README.md for where to get it)")
+    if not path.exists():
+        raise CodeUpError(f"data file not found: {path} (see data/README.md for where to get it)")
     if path.suffix == ".jsonl":
-        return [record for _, record in read_jsonl(path, missing=missing)]
-    text = path.read_text(encoding="utf-8")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CodeUpError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+        return [record for _, record in read_jsonl(path, what="data file")]
+    records = read_json(path, what="data file")
     if not isinstance(records, list):
         raise CodeUpError(f"{path}: expected a JSON list of records (or a .jsonl file), got a {type(records).__name__}")
     return records
+
+
+def count_label(count: int) -> str:
+    """19,433 -> "19k" (CodeUp's names: codeup_19k.json); below 1,000 the count itself (codeup_148.json)."""
+    return f"{count // 1000}k" if count >= 1000 else str(count)
 
 
 def as_record(raw) -> dict | None:
@@ -162,13 +162,7 @@ def load_families(language_families) -> dict[str, set[str]]:
     """The built-in families, updated from a JSON file or a dict ({"Go": ["Go", "C"]})."""
     families = dict(LANGUAGE_FAMILIES)
     if isinstance(language_families, str):
-        path = Path(language_families).expanduser()
-        if not path.is_file():
-            raise CodeUpError(f"language families file not found: {path}")
-        try:
-            language_families = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise CodeUpError(f"{path}: not valid JSON ({error.msg})") from None
+        language_families = read_json(language_families, what="language families file")
     if language_families:
         if not isinstance(language_families, dict):
             raise CodeUpError("--language_families must map a language to a list of Guesslang names")
@@ -365,7 +359,7 @@ def main(
     for entry in dropped:
         dropped_by_reason[entry["reason"]] += 1
     prefix = "codeup" if mode == "codeup" else "codeup_strict"
-    data_file = f"{prefix}_{len(kept) // 1000}k.json"
+    data_file = f"{prefix}_{count_label(len(kept))}.json"
     report = {
         "mode": mode, "inputs": inputs, "read": len(entries), "kept": len(kept), "dropped": len(dropped),
         "dropped_by_reason": dropped_by_reason, "output": data_file,

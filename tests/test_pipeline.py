@@ -24,7 +24,7 @@ def test_main_job_chains_every_stage_and_skips_what_is_done(tiny_llama_dir, tmp_
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "using data/sample_codeup.json" in result.stdout
     report = json.loads((work / "data" / "report.json").read_text())
-    assert report["inputs"] == {"data/sample_codeup.json": 160} and report["output"] == "codeup_0k.json"
+    assert report["inputs"] == {"data/sample_codeup.json": 160} and report["output"] == "codeup_138.json"
     assert report["dropped_by_reason"]["malformed"] == 1 and report["dropped_by_reason"]["unknown_language"] > 10
     state = json.loads((work / "lora" / "trainer_state.json").read_text())
     assert state["global_step"] == 2

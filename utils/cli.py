@@ -1,18 +1,25 @@
 """The one entry point every stage script uses: a fire CLI that reports user errors in one line."""
 
+import os
 import sys
+import traceback
 
 import fire
 
 from utils.errors import CodeUpError
 
 
-def run_cli(component) -> None:
-    """Run `component` (a function) as a fire CLI; a CodeUpError becomes `error: ...` and exit code 2."""
+def run_cli(component, argv: list[str] | None = None) -> None:
+    """Run `component` (a function) as a fire CLI on sys.argv (or `argv`); a CodeUpError becomes
+    `error: ...` and exit code 2. With CODEUP_DEBUG=1 the traceback behind the error (and its
+    cause) is printed first."""
     try:
-        fire.Fire(component)
+        fire.Fire(component, command=argv)
     except CodeUpError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("CODEUP_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        message = " ".join(str(error).split("\n"))  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
