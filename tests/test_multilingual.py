@@ -4,11 +4,14 @@ in Bash, JavaScript, C++ and Java harm nothing; one fork bomb cannot fail the ot
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -315,10 +318,10 @@ def sandbox_processes():
 
 @pytest.mark.slow
 def test_hostile_programs_fail_leave_nothing_behind_and_harm_nothing(tmp_path):
-    canary_dir = tmp_path / "shared"
-    canary_dir.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(canary_dir, 0o777)  # even a folder anyone may write to stays out of reach
+    # The canary lies where any uid may write (a world-writable folder in /tmp): only the sandbox's
+    # read-only view of the file system keeps it safe.
+    canary_dir = Path(tempfile.mkdtemp(prefix="codeup-canary-"))
+    os.chmod(canary_dir, 0o777)
     canary = canary_dir / "canary.txt"
     canary.write_text("still here")
     os.chmod(canary, 0o666)
@@ -340,6 +343,7 @@ def test_hostile_programs_fail_leave_nothing_behind_and_harm_nothing(tmp_path):
         assert results[f"{language}: infinite loop"].status == "timeout"
         assert results[f"{language}: exit 0 before the tests"].message == "exited before the end of the tests"
     assert canary.read_text() == "still here"
+    shutil.rmtree(canary_dir)
     assert harness.poll() is None
     harness.kill()
     server.close()

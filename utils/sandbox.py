@@ -9,7 +9,8 @@ captured into capped files, and its whole process group killed at the end.
 When the harness runs as root, the program never does: it runs under a uid of its own from a
 reserved range (one per worker slot, see `sandbox_uid`) inside new PID and network namespaces
 (`unshare`), so it sees no network, cannot signal the harness, every process it started dies with
-it, and the process limit (which the kernel counts per uid) is its own: a fork bomb in one worker
+it, it sees the whole file system read-only but for its own folder (a mount namespace), and the
+process limit (which the kernel counts per uid) is its own: a fork bomb in one worker
 cannot starve the programs of the others. As another user, bubblewrap (`bwrap`) gives the same
 namespaces plus a read-only view of the file system when it is installed.
 
@@ -18,9 +19,11 @@ token to a file (`RESULT_FILE`) after the tests, so exiting 0 before the asserts
 """
 
 import atexit
+import ctypes
 import functools
 import os
 import queue
+import re
 import resource
 import secrets
 import shutil
@@ -86,13 +89,60 @@ def python_interpreter() -> str:
     return shutil.which("python3", path=SANDBOX_PATH) or sys.executable
 
 
+# Mount flags (linux/mount.h) for the read-only view of the file system.
+CLONE_NEWNS = 0x00020000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 32, 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
+MOUNT_OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+                      "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
+
+
+@functools.cache
+def mount_points() -> tuple[tuple[bytes, int], ...]:
+    """(mount point, its flags) of every mount, the ones a program must not write to."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = fields[4].encode().decode("unicode_escape").encode("latin-1")  # \040 is a space
+        if point == b"/dev" or point.startswith((b"/dev/pts", b"/proc")):
+            continue  # device nodes (/dev/null) stay usable; they are root's, not writable files
+        flags = sum(MOUNT_OPTION_FLAGS.get(option, 0) for option in fields[5].split(","))
+        points.append((point, flags))
+    return tuple(points)
+
+
+def make_file_system_read_only(writable: list[str], points: tuple = ()) -> None:
+    """In the child, before exec (as root): a mount namespace of its own where everything is
+    read-only but `writable` (the job's folder), so a program cannot write outside it, not even
+    into /tmp or /dev/shm. The namespace (and these mounts) go away with the program."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    for path in writable:  # a mount of its own, so making its parent read-only leaves it writable
+        if libc.mount(path.encode(), path.encode(), None, MS_BIND | MS_REC, None) != 0:
+            raise OSError(ctypes.get_errno(), f"bind {path}")
+    keep = {path.encode() for path in writable}
+    for point, flags in points:  # read in the parent: the child's list would hold the binds above
+        if point not in keep:
+            libc.mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
+    os.chdir(writable[0])  # the working directory, through the writable bind (not the folder beneath it)
+
+
 @functools.cache
 def isolation() -> str:
     """How programs are isolated on this machine: namespaces (root), bubblewrap, or rlimits only."""
     probe = [python_interpreter(), "-c", "pass"]
     if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("setpriv"):
-        if subprocess.run(namespace_prefix(sandbox_uid(0)) + probe, capture_output=True, timeout=60).returncode == 0:
-            return "namespaces"
+        with tempfile.TemporaryDirectory() as folder:
+            points = mount_points()
+            try:
+                if subprocess.run(namespace_prefix(sandbox_uid(0)) + probe, capture_output=True, timeout=60,
+                                  preexec_fn=lambda: make_file_system_read_only([folder], points)).returncode == 0:
+                    return "namespaces"
+            except subprocess.SubprocessError:
+                pass  # no mount namespaces here
     if shutil.which("bwrap"):
         if subprocess.run(bubblewrap_prefix(tempfile.gettempdir()) + probe, capture_output=True, timeout=60).returncode == 0:
             return "bubblewrap"
@@ -146,11 +196,16 @@ def bubblewrap_prefix(work_dir: str) -> list[str]:
             "--unshare-all", "--die-with-parent", "--new-session", "--chdir", work_dir]
 
 
-def limit_resources(limits: Limits, drop_to_uid: int | None):
-    """Runs in the child between fork and exec: own session (process group), resource limits, and
-    (root without namespaces) the switch to the slot's uid."""
+def limit_resources(limits: Limits, drop_to_uid: int | None, writable: list[str] | None = None):
+    """Runs in the child between fork and exec: own session (process group), resource limits,
+    (namespaces) a read-only file system but for `writable`, and (root without namespaces) the
+    switch to the slot's uid."""
+    points = mount_points() if writable else ()
+
     def apply():
         os.setsid()
+        if writable:
+            make_file_system_read_only(writable, points)
         cpu = int(limits.timeout) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
         memory = limits.memory_mb * 2**20
@@ -183,16 +238,18 @@ def run_step(step: Step, work_dir: str, uid: int | None, mode: str, log_name: st
               "bubblewrap": bubblewrap_prefix(work_dir)}.get(mode, [])
     drop_to_uid = uid if mode == "rlimits" and uid is not None else None
     environment = {"PATH": SANDBOX_PATH, "HOME": work_dir, "TMPDIR": work_dir, "LANG": "C.UTF-8", **step.environment}
+    writable = [work_dir] if mode == "namespaces" else None
     if any("{slot_cache}" in value for value in environment.values()):
         cache = slot_cache(slot, uid)
         environment = {name: value.replace("{slot_cache}", cache) for name, value in environment.items()}
+        writable = writable and writable + [cache]
     with open(work / f".{log_name}.out", "wb") as stdout, open(work / f".{log_name}.err", "wb") as stderr:
         if uid is not None:
             os.chown(stdout.name, uid, NOBODY_GID)
             os.chown(stderr.name, uid, NOBODY_GID)
         process = subprocess.Popen(
             prefix + step.command, cwd=work_dir, env=environment, stdin=subprocess.DEVNULL, stdout=stdout,
-            stderr=stderr, preexec_fn=limit_resources(step.limits, drop_to_uid),
+            stderr=stderr, preexec_fn=limit_resources(step.limits, drop_to_uid, writable),
         )
         try:
             returncode, timed_out = process.wait(timeout=step.limits.timeout), False
@@ -216,10 +273,12 @@ def give_to(work: Path, uid: int | None) -> None:
 
 def last_line(text: str, returncode: int | None) -> str:
     # The last line that says something (node ends its error reports with its version).
-    # Stack frames are indented: the line that names the error is the last one that is not.
+    # The last line that names an error (SomethingError: ..., Exception in ...); else the last one
+    # that is not indented (stack frames are); else the last line.
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("Node.js v")]
+    errors = [line for line in lines if re.match(r"[\w.$]*(?:Error|Exception)\b", line)]
     unindented = [line for line in lines if not line[0].isspace()]
-    return (unindented or lines)[-1] if lines else f"exit status {returncode}"
+    return (errors or unindented or lines)[-1] if lines else f"exit status {returncode}"
 
 
 def run_job(job: Job, slot: int = 0) -> Outcome:
