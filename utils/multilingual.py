@@ -100,8 +100,8 @@ def load_problems(task: str, problems_file: str) -> list[dict]:
     input, ...}: task_id is HumanEval-X's task_id or MultiPL-E's name."""
     benchmark, key, _ = TASKS[task]
     path = Path(problems_file).expanduser()
-    hint = "python data/download.py --benchmarks" if not path.is_file() else ""
-    rows = [row for _, row in read_jsonl(path, missing=f"{task}: problems file not found (get it with: {hint})")]
+    missing = f"{task}: problems file not found (get it with: python data/download.py --only_benchmarks)"
+    rows = [row for _, row in read_jsonl(path, missing=missing)]
     problems = []
     for row in rows:
         try:
