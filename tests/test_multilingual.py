@@ -35,7 +35,18 @@ BROKEN_CANONICAL = {
 }
 
 
+def need(task):
+    """Skip (with the reason) where this machine lacks the task's toolchain: `bash setup.sh
+    --toolchains` installs them all, as CI does."""
+    benchmark, language, _ = multilingual.TASKS[task]
+    try:
+        multilingual.check_toolchain(language, benchmark)
+    except CodeUpError as error:
+        pytest.skip(str(error))
+
+
 def problems(task, limit=None):
+    need(task)
     found = multilingual.load_problems(task, str(multilingual.default_problems_file(task, SHARED_DATA)))
     return found[:limit] if limit else found
 
@@ -222,6 +233,8 @@ def test_multiple_whole_function_answers_also_pass(suffix):
 
 
 def test_multiple_tasks_print_one_table_and_need_a_task_field_for_shared_ids(tmp_path):
+    for task in ("multiple-js", "multiple-sh", "multiple-pl"):
+        need(task)
     samples = [{"task": f"multiple-{suffix}", "task_id": "HumanEval_53_add", "completion": answers["HumanEval_53_add"][0]}
                for suffix, answers in MULTIPLE_ANSWERS.items() if suffix in ("js", "sh", "pl")]
     path = write_samples(tmp_path / "samples.jsonl", samples)
@@ -318,6 +331,8 @@ def sandbox_processes():
 
 @pytest.mark.slow
 def test_hostile_programs_fail_leave_nothing_behind_and_harm_nothing(tmp_path):
+    for task in ("multiple-sh", "multiple-js", "multiple-cpp", "multiple-java"):
+        need(task)
     # The canary lies where any uid may write (a world-writable folder in /tmp): only the sandbox's
     # read-only view of the file system keeps it safe.
     canary_dir = Path(tempfile.mkdtemp(prefix="codeup-canary-"))
@@ -364,3 +379,17 @@ def test_a_fork_bomb_does_not_starve_the_other_workers():
     outcomes = run_programs(programs, workers=8, progress=False)
     assert not outcomes[0].passed
     assert all(o.passed for o in outcomes[1:]), [o.message for o in outcomes[1:] if not o.passed]
+
+
+@pytest.mark.slow
+def test_main_job_scores_a_second_language_and_shows_both(tiny_llama_dir, tmp_path):
+    need("humanevalx-js")
+    env = {**os.environ, "BASE_MODEL": str(tiny_llama_dir), "WORK_DIR": str(tmp_path / "run"),
+           "DATA_DIR": str(tmp_path / "no-data"), "BENCHMARKS_DIR": str(SHARED_DATA), "MAX_STEPS": "2",
+           "EVAL_LIMIT": "2", "EVAL_LIMIT2": "2", "SKIP_SETUP": "1", "PY": sys.executable}
+    result = subprocess.run(["bash", "run_codeup_cpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    scores = json.loads((tmp_path / "run" / "eval" / "humanevalx-js_results.json").read_text())
+    assert scores["problems"] == 2 and scores["language"] == "JavaScript"
+    summary = result.stdout.split("== done in")[1]
+    assert "HumanEval         pass@1 " in summary and "humanevalx-js    pass@1 " in summary

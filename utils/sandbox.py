@@ -104,8 +104,8 @@ def mount_points() -> tuple[tuple[bytes, int], ...]:
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
         point = fields[4].encode().decode("unicode_escape").encode("latin-1")  # \040 is a space
-        if point == b"/dev" or point.startswith((b"/dev/pts", b"/proc")):
-            continue  # device nodes (/dev/null) stay usable; they are root's, not writable files
+        if point == b"/dev" or point.startswith((b"/dev/pts", b"/proc", b"/sys")):
+            continue  # device nodes (/dev/null) stay usable; /proc and /sys are the kernel's, root-only to write
         flags = sum(MOUNT_OPTION_FLAGS.get(option, 0) for option in fields[5].split(","))
         points.append((point, flags))
     return tuple(points)
