@@ -393,3 +393,19 @@ def test_main_job_scores_a_second_language_and_shows_both(tiny_llama_dir, tmp_pa
     assert scores["problems"] == 2 and scores["language"] == "JavaScript"
     summary = result.stdout.split("== done in")[1]
     assert "HumanEval         pass@1 " in summary and "humanevalx-js    pass@1 " in summary
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "humaneval_results.json"
+    target.write_text("the previous results")
+    evaluate.write_atomic(target, "new results")
+    assert target.read_text() == "new results"
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(evaluate.os, "replace", crash)
+    with pytest.raises(OSError):
+        evaluate.write_atomic(target, "half-written results")
+    assert target.read_text() == "new results"
+    assert [p.name for p in tmp_path.iterdir()] == ["humaneval_results.json"]  # no temp file left

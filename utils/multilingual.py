@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,7 +390,7 @@ def job_for_source(key: str, source: str, benchmark: str, timeout: float) -> Job
         jvm = ["-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-XX:-UsePerfData", "-Xshare:auto"]
         compile_step = Step(["javac", *[f"-J{flag}" for flag in jvm], "-J-Xmx512m", "-nowarn", "-encoding", "UTF-8",
                              "-cp", JAVATUPLES, "-d", ".", f"{main_class}.java", "CodeupRunner.java"], compiling)
-        run = Step(["java", *jvm, "-Xmx512m", "-Xss8m", "-ea", "-cp", f".:{JAVATUPLES}", "CodeupRunner"],
+        run = Step(["java", *jvm, "-Xmx512m", "-Xss8m", "-Djava.io.tmpdir=.", "-ea", "-cp", f".:{JAVATUPLES}", "CodeupRunner"],
                    Limits(timeout=timeout + 2.0, memory_mb=4096, processes=256))
         return Job({f"{main_class}.java": source, "CodeupRunner.java": runner}, run, token, compile_step)
     if key == "go":
@@ -462,6 +463,8 @@ def rust_crates() -> dict:
     deps = folder / "target" / "release" / "deps"
     found = {name: sorted(deps.glob(f"lib{name}-*.rlib")) for name in ("rand", "regex", "md5")}
     if not all(found.values()) or not folder.is_dir() or folder.stat().st_uid != os.geteuid():
+        print(f"Building the rand, regex and md5 crates for HumanEval-X's Rust tests into {folder} "
+              "(once, offline, about 30 s)", file=sys.stderr)
         shutil.rmtree(folder, ignore_errors=True)
         (folder / "src").mkdir(parents=True)
         (folder / ".cargo").mkdir()
