@@ -36,7 +36,6 @@ MBPP_TEST_IDS = range(11, 511)  # the standard test split
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with the whole function in a "
                          "```python code block.")
 FENCED_BLOCK = re.compile(r"```[ \t]*[\w+#.-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
-PYTHON_TASKS = ("humaneval", "mbpp")
 
 
 # ---- problems and prompts ------------------------------------------------------------------

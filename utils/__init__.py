@@ -7,8 +7,9 @@
 - model_loading.py: models and tokenizers from a hub id, a folder, a .gguf file or `smollm2-135m`
 - generation.py: Generator, prompt in and response out (greedy, sampled, streamed, batched)
 - language_detection.py: Guesslang's programming-language model, batched
-- benchmarks.py: HumanEval and MBPP problems
-- sandbox.py: runs untrusted programs (model-written code) in isolated, limited subprocesses
+- benchmarks.py: HumanEval and MBPP problems; the benchmark texts decontamination checks
+- multilingual.py: HumanEval-X and MultiPL-E: problems, the programs they run, toolchains
+- sandbox.py: compiles and runs untrusted programs (model-written code) in isolated, limited subprocesses
 - jsonl.py: JSON Lines files, with errors that name the file and line
 
 Modules import their heavy libraries themselves, so that e.g. the data stage never loads torch.
