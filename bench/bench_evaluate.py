@@ -124,8 +124,8 @@ def main(rounds: int = 3, languages: str = "python,cpp,java,js,go,rust",
         print()
         print("| language | sandbox s | plain loop s | sandbox / plain | passed (sandbox, plain) |")
         print("| --- | ---: | ---: | ---: | --- |")
-        for name, sandbox, plain, ours, theirs, total in rows:
-            print(f"| {name} | {sandbox:.1f} | {plain:.1f} | {sandbox / plain:.2f}x | {ours}/{total}, {theirs}/{total} |")
+        for name, sandbox, plain, passed_sandbox, passed_plain, total in rows:
+            print(f"| {name} | {sandbox:.1f} | {plain:.1f} | {sandbox / plain:.2f}x | {passed_sandbox}/{total}, {passed_plain}/{total} |")
         total_sandbox, total_plain = sum(r[1] for r in rows), sum(r[2] for r in rows)
         print(f"| all | {total_sandbox:.1f} | {total_plain:.1f} | {total_sandbox / total_plain:.2f}x | |")
         return
