@@ -332,7 +332,11 @@ def run_job(job: Job, slot: int = 0) -> Outcome:
     if returncode == 0:
         message = "exited before the end of the tests"
     elif returncode < 0:
+        # A program runs as PID 1 of its namespace, where abort()'s SIGABRT is ignored and glibc
+        # falls back to a crash: what it printed (e.g. "Assertion ... failed") says more.
         message = f"killed by {signal.Signals(-returncode).name}"
+        if error_tail:
+            message += f": {last_line(error_tail, returncode)}"
     else:
         message = last_line(error_tail, returncode)
     return Outcome(False, "failed", message[: job.run.limits.output_bytes], seconds)
