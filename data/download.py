@@ -1,13 +1,20 @@
-"""Download the instruction data into data/ (for users with internet; the files are CC BY-NC 4.0).
+"""Download the instruction data into data/ (for users with internet; the files are CC BY-NC 4.0),
+and with --benchmarks the multilingual benchmarks evaluate.py scores (HumanEval-X, MultiPL-E).
 
     python data/download.py                      # both files, into data/
     python data/download.py --output_dir ~/codeup-data
     python data/download.py --base_url http://mirror.example/codeup/   # both files from one mirror
+    python data/download.py --benchmarks         # also data/humaneval-x/ and data/multipl-e/
 
 A file already present and valid is kept. Each download goes to a temp file, is checked (a JSON
-list of records with instruction and output) and only then renamed into place.
+list of records with instruction and output; a benchmark: its rows and their fields) and only then
+renamed into place. HumanEval-X (Apache-2.0) comes gzipped from CodeGeeX's repository; MultiPL-E
+(BSD-3-Clause, with a clause that forbids training on it: evaluation and decontamination only)
+comes as parquet from the hub and is written as JSONL, the layout evaluate.py reads.
 """
 
+import gzip
+import io
 import json
 import os
 import sys
@@ -28,6 +35,81 @@ SOURCES = {
     # The 4.5K records CodeUp added, from CodeUp's repository.
     "new_codealpaca.json": "https://raw.githubusercontent.com/juyongjiang/CodeUp/master/data/new_codealpaca.json",
 }
+
+
+# HumanEval-X: (language, its folder in CodeGeeX's repository); the rust set has no `example_test` rows.
+HUMANEVALX_LANGUAGES = ["python", "cpp", "java", "js", "go", "rust"]
+HUMANEVALX_URL = "https://raw.githubusercontent.com/THUDM/CodeGeeX/main/codegeex/benchmark/humaneval-x/{language}/data/humaneval_{language}.jsonl.gz"
+MULTIPLE_LANGUAGES = ["js", "java", "cpp", "rs", "sh", "pl", "go", "php"]
+# The hub's parquet of each language (the "reworded" prompts are MultiPL-E's default, humaneval-{lang}).
+MULTIPLE_URL = "https://huggingface.co/datasets/nuprl/MultiPL-E/resolve/main/humaneval-{language}/test/0000.parquet"
+
+
+def benchmark_files() -> list[dict]:
+    """Each benchmark file: where it goes (relative to output_dir), its URL, its name on a mirror,
+    how to turn the download into JSONL, and the fields every row must have."""
+    files = [{"target": f"humaneval-x/humaneval_{lang}.jsonl", "url": HUMANEVALX_URL.format(language=lang),
+              "mirror_name": f"humaneval-x/humaneval_{lang}.jsonl.gz", "convert": gunzip_jsonl,
+              "fields": ("task_id", "prompt", "canonical_solution", "test")} for lang in HUMANEVALX_LANGUAGES]
+    files += [{"target": f"multipl-e/humaneval-{lang}-reworded.jsonl", "url": MULTIPLE_URL.format(language=lang),
+               "mirror_name": f"multipl-e/humaneval-{lang}.parquet", "convert": parquet_to_jsonl,
+               "fields": ("name", "prompt", "tests", "stop_tokens")} for lang in MULTIPLE_LANGUAGES]
+    return files
+
+
+def gunzip_jsonl(data: bytes) -> bytes:
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def parquet_to_jsonl(data: bytes) -> bytes:
+    import pyarrow.parquet as parquet
+
+    rows = parquet.read_table(io.BytesIO(data)).to_pylist()
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def is_valid_benchmark(path: Path, fields) -> bool:
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return bool(rows) and all(isinstance(row, dict) and all(field in row for field in fields) for row in rows)
+
+
+def fetch_benchmark(url: str, target: Path, spec: dict, timeout: float) -> None:
+    """Download, convert to JSONL, check the rows, then rename into place (never a half file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+        try:
+            converted = spec["convert"](data)
+        except Exception as error:  # a truncated gzip, an HTML page instead of parquet, ...
+            raise CodeUpError(f"{url} did not give {spec['mirror_name'].split('.', 1)[1]} data: {error}") from error
+        with os.fdopen(handle, "wb") as out:
+            out.write(converted)
+        if not is_valid_benchmark(Path(temp), spec["fields"]):
+            raise CodeUpError(f"{url} did not give rows with {', '.join(spec['fields'])}")
+        os.chmod(temp, 0o644)
+        os.replace(temp, target)
+    except OSError as error:
+        raise CodeUpError(f"cannot download {url}: {error}") from error
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def download_benchmarks(folder: Path, base_url: str, overwrite: bool, timeout: float) -> None:
+    for spec in benchmark_files():
+        target = folder / spec["target"]
+        if target.is_file() and is_valid_benchmark(target, spec["fields"]) and not overwrite:
+            print(f"{target} is already here and valid: kept")
+            continue
+        source = base_url.rstrip("/") + "/" + spec["mirror_name"] if base_url else spec["url"]
+        fetch_benchmark(source, target, spec, timeout)
+        rows = sum(1 for line in target.read_text(encoding="utf-8").splitlines() if line.strip())
+        print(f"Downloaded {target} ({rows} problems)")
 
 
 def is_valid(path: Path) -> bool:
@@ -59,17 +141,25 @@ def fetch(url: str, target: Path, timeout: float) -> None:
             os.remove(temp)
 
 
-def main(output_dir: str = "data/", base_url: str = "", overwrite: bool = False, timeout: float = 60.0):
-    """Download code_alpaca_20k.json and new_codealpaca.json.
+def main(output_dir: str = "data/", base_url: str = "", overwrite: bool = False, timeout: float = 60.0,
+         benchmarks: bool = False, only_benchmarks: bool = False):
+    """Download code_alpaca_20k.json and new_codealpaca.json (and, asked, HumanEval-X and MultiPL-E).
 
     Args:
         output_dir: where the files go (data/ is where the other stages look).
-        base_url: fetch both files from this folder URL instead of their repositories.
+        base_url: fetch every file from this folder URL instead of their homes (benchmarks as
+            humaneval-x/humaneval_{lang}.jsonl.gz and multipl-e/humaneval-{lang}.parquet under it).
         overwrite: download again even when a valid file is present.
         timeout: seconds to wait for the server.
+        benchmarks: also fetch HumanEval-X (humaneval-x/) and MultiPL-E (multipl-e/) for evaluate.py.
+        only_benchmarks: fetch only the benchmarks.
     """
     folder = Path(output_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
+    if benchmarks or only_benchmarks:
+        download_benchmarks(folder, base_url, overwrite, timeout)
+    if only_benchmarks:
+        return
     for name, url in SOURCES.items():
         target = folder / name
         if target.is_file() and is_valid(target) and not overwrite:

@@ -10,7 +10,8 @@ The published rules (`codeup`):
      output, or its output contains "def " or "import "; the others are dropped.
 `strict` adds: keywords on word boundaries, Guesslang's language for the output must belong to the
 family of the named language, empty outputs and exact duplicates dropped, and records sharing a long
-n-gram with HumanEval or MBPP dropped (decontamination).
+n-gram with a benchmark dropped (decontamination: HumanEval, plus MBPP, HumanEval-X and MultiPL-E
+files named with --decontaminate_with, in every language; `--decontaminate_with none` turns it off).
 
 Writes to --output_dir: codeup_{N}k.json for N thousand records kept (codeup_{N}.json below
 1,000; codeup_strict_... in strict mode), pl_raw.json,
@@ -28,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.benchmarks import load_humaneval, load_mbpp  # noqa: E402
+from utils.benchmarks import benchmark_texts  # noqa: E402
 from utils.cli import parse_list, run_cli  # noqa: E402
 from utils.errors import CodeUpError  # noqa: E402
 from utils.files import read_json, read_jsonl  # noqa: E402
@@ -143,18 +144,29 @@ def ngrams(text: str, n: int) -> set[tuple]:
     return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
 
 
+def decontamination_sources(decontaminate_with) -> list[str]:
+    """HumanEval always, plus every benchmark named (MBPP, HumanEval-X, MultiPL-E files or folders);
+    `none` alone turns decontamination off."""
+    named = parse_list(decontaminate_with)
+    if [name.lower() for name in named] == ["none"]:
+        return []
+    if any(name.lower() == "none" for name in named):
+        raise CodeUpError("--decontaminate_with none turns decontamination off: name no benchmark beside it")
+    return list(dict.fromkeys(["humaneval", *(name for name in named if name.lower() != "humaneval")]))
+
+
 def benchmark_ngrams(sources, n: int) -> dict[tuple, str]:
-    """n-gram -> the benchmark task it comes from, for `humaneval` and MBPP jsonl paths."""
+    """n-gram -> the benchmark task it comes from, for the decontamination sources (prompts,
+    solutions and tests, in every language); prints which benchmarks are checked."""
     index = {}
-    for source in parse_list(sources):
-        if source.lower() == "humaneval":
-            texts = [(p["task_id"], p["prompt"] + "\n" + p["canonical_solution"]) for p in load_humaneval()]
-        else:
-            texts = [(f"MBPP/{t.get('task_id')}", "\n".join([t.get("text", ""), t.get("code", ""), *t.get("test_list", [])]))
-                     for t in load_mbpp(source)]
+    labels = []
+    for source in decontamination_sources(sources):
+        label, texts = benchmark_texts(source)
+        labels.append(label)
         for task_id, text in texts:
             for gram in ngrams(text, n):
                 index.setdefault(gram, task_id)
+    print("Decontamination: " + ("; ".join(labels) if labels else "off (--decontaminate_with none)"))
     return index
 
 
@@ -325,8 +337,8 @@ def main(
         data_paths: JSON-list or JSONL files, comma-separated or a list, read in order.
         output_dir: where the filtered data, counts, charts and report go.
         mode: `codeup` (the published rules) or `strict` (stricter, see the module docstring).
-        decontaminate_with: strict mode: `humaneval` and/or MBPP jsonl paths, comma-separated
-            (empty: no decontamination).
+        decontaminate_with: strict mode: benchmarks checked besides HumanEval (always): MBPP, HumanEval-X
+            or MultiPL-E jsonl files or folders, comma-separated; `none`: no decontamination.
         ngram: strict mode: length in whitespace tokens of the n-grams shared with a benchmark that drop a record.
         language_families: strict mode: a JSON file or dict that overrides which Guesslang languages
             agree with a named language, e.g. '{"Go": ["Go", "C"]}'.

@@ -13,7 +13,7 @@ from conftest import ROOT, SHARED_DATA
 
 import evaluate  # noqa: E402
 from utils.benchmarks import load_humaneval
-from utils.sandbox import isolation
+from utils.sandbox import harness_uids, isolation
 
 MBPP = SHARED_DATA / "mbpp.jsonl"
 
@@ -26,6 +26,14 @@ def write_samples(path, samples):
 def run_evaluate(*args):
     return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
+
+
+def run_evaluate_with_pid(*args):
+    """Like run_evaluate, but also says the harness's pid (whose sandbox uids to watch)."""
+    process = subprocess.Popen([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = process.communicate(timeout=900)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), process.pid
 
 
 def results(output_dir, task="humaneval"):
@@ -107,7 +115,7 @@ def test_mbpp_prompts_state_the_function_name():
 
 def test_bad_arguments_fail_in_one_line(tmp_path):
     result = run_evaluate("--task", "apps")
-    assert result.returncode == 2 and "--task must be humaneval or mbpp" in result.stderr
+    assert result.returncode == 2 and "--task must be humaneval, mbpp, or" in result.stderr
     result = run_evaluate("--samples_file", tmp_path / "none.jsonl")
     assert result.returncode == 2 and "--samples_file not found" in result.stderr
     assert "Traceback" not in result.stderr
@@ -142,7 +150,8 @@ def test_hostile_programs_fail_and_harm_nothing(tmp_path):
     canary.write_text("still here")
     hostile = hostile_completions(canary)
     samples = write_samples(tmp_path / "hostile.jsonl", [("HumanEval/0", code) for code in hostile.values()])
-    result = run_evaluate("--samples_file", samples, "--output_dir", tmp_path / "out", "--timeout", 2, "--limit", 1)
+    result, harness_pid = run_evaluate_with_pid("--samples_file", samples, "--output_dir", tmp_path / "out",
+                                                "--timeout", 2, "--limit", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     scores, rows = results(tmp_path / "out")
     outcomes = {name: row for name, row in zip(hostile, rows)}
@@ -152,16 +161,17 @@ def test_hostile_programs_fail_and_harm_nothing(tmp_path):
     assert outcomes["exit before the asserts"]["result"] == "exited before the end of the tests"
     assert canary.read_text() == "still here"
     assert not list(tmp_path.rglob("big.bin"))  # temp dirs are gone
-    if isolation() == "namespaces":  # every process of the sandbox user is gone (the kernel reaps them)
+    if isolation() == "namespaces":  # every process of the sandbox uids is gone (the kernel reaps them)
         deadline = time.time() + 10
-        while sandbox_processes() and time.time() < deadline:
+        while sandbox_processes(harness_pid) and time.time() < deadline:
             time.sleep(0.2)
-        assert not sandbox_processes()
+        assert not sandbox_processes(harness_pid)
 
 
-def sandbox_processes():
+def sandbox_processes(harness_pid=None):
+    uids = harness_uids(harness_pid)
     return [p for p in psutil.process_iter(["uids", "status"])
-            if p.info["uids"] and p.info["uids"].real == 65534 and p.info["status"] != psutil.STATUS_ZOMBIE]
+            if p.info["uids"] and p.info["uids"].real in uids and p.info["status"] != psutil.STATUS_ZOMBIE]
 
 
 def test_programs_run_without_the_harness_environment(tmp_path, monkeypatch):

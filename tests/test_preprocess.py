@@ -201,3 +201,70 @@ def test_bad_mode_and_families_are_refused(tmp_path):
     with pytest.raises(preprocess.CodeUpError, match="unknown languages"):
         preprocess.load_families({"Cobol": ["COBOL"]})
     assert preprocess.load_families({"Go": ["Go", "C"]})["Go"] == {"Go", "C"}
+
+
+# ---- decontamination against the multilingual benchmarks ----------------------------------------
+
+def test_named_benchmarks_add_to_humaneval_and_none_turns_it_off():
+    assert preprocess.decontamination_sources("") == ["humaneval"]
+    assert preprocess.decontamination_sources("a.jsonl,humaneval") == ["humaneval", "a.jsonl"]
+    assert preprocess.decontamination_sources("none") == []
+    with pytest.raises(preprocess.CodeUpError, match="name no benchmark beside it"):
+        preprocess.decontamination_sources("none,a.jsonl")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "multipl-e").is_dir(), reason="../shared/data is not here")
+def test_multilingual_benchmark_files_are_recognized_by_their_fields():
+    from utils.benchmarks import benchmark_texts
+
+    label, texts = benchmark_texts(str(SHARED_DATA / "humaneval-x" / "humaneval_cpp.jsonl"))
+    assert label == "humaneval_cpp.jsonl (HumanEval-X, 164 problems)" and texts[0][0] == "CPP/0"
+    assert "has_close_elements({1.0, 2.0, 5.9, 4.0, 5.0}, 0.95)" in texts[0][1]  # the tests count too
+    label, texts = benchmark_texts(str(SHARED_DATA / "multipl-e"))
+    assert label.endswith("(8 files, 1270 problems)") and "(MultiPL-E php)" in " ".join(t for t, _ in texts)
+
+
+@pytest.fixture(scope="module")
+def multilingual_strict_runs(tmp_path_factory):
+    """Strict mode with HumanEval-X C++ and all of MultiPL-E named; then with `none`."""
+    from utils.benchmarks import load_humaneval
+    from utils.multilingual import load_problems
+
+    folder = tmp_path_factory.mktemp("multilingual-strict")
+    cpp_test = load_problems("humanevalx-cpp", str(SHARED_DATA / "humaneval-x" / "humaneval_cpp.jsonl"))[5]["tests"]
+    php_tests = load_problems("multiple-php", str(SHARED_DATA / "multipl-e" / "humaneval-php-reworded.jsonl"))[0]["tests"]
+    python_answer = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n"
+    records = [
+        {"instruction": "Write a Python function for these C++ tests.", "input": cpp_test, "output": python_answer},
+        {"instruction": "Write a Python function for these PHP tests.", "input": php_tests, "output": python_answer},
+        {"instruction": "Write a Python function for the docstring.", "input": load_humaneval()[0]["prompt"],
+         "output": python_answer},
+        {"instruction": "Write a Python function that adds two numbers.", "input": "", "output": python_answer},
+    ]
+    path = write_json(folder / "records.json", records)
+    runs = {}
+    for name, value in (("named", f"{SHARED_DATA / 'humaneval-x' / 'humaneval_cpp.jsonl'},{SHARED_DATA / 'multipl-e'}"),
+                        ("none", "none")):
+        result = run_preprocess("--data_paths", path, "--output_dir", folder / name, "--mode", "strict",
+                                "--decontaminate_with", value)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (folder / name, result.stdout)
+    return runs
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "multipl-e").is_dir(), reason="../shared/data is not here")
+def test_records_overlapping_multilingual_benchmarks_are_dropped(multilingual_strict_runs):
+    out, stdout = multilingual_strict_runs["named"]
+    assert "Decontamination: HumanEval (164 problems); humaneval_cpp.jsonl (HumanEval-X, 164 problems); " in stdout
+    assert "multipl-e/ (8 files, 1270 problems)" in stdout
+    dropped = {d["index"]: d for d in read_json(out / "unknown_pl_data.json")}
+    assert {i: d["reason"] for i, d in dropped.items()} == {0: "contaminated", 1: "contaminated", 2: "contaminated"}
+    assert "with CPP/" in dropped[0]["detail"] and "(MultiPL-E php)" in dropped[1]["detail"]
+    assert "HumanEval/0" in dropped[2]["detail"]  # naming files added to HumanEval, did not replace it
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "multipl-e").is_dir(), reason="../shared/data is not here")
+def test_decontaminate_with_none_checks_nothing(multilingual_strict_runs):
+    out, stdout = multilingual_strict_runs["none"]
+    assert "Decontamination: off (--decontaminate_with none)" in stdout
+    assert not [d for d in read_json(out / "unknown_pl_data.json") if d["reason"] == "contaminated"]

@@ -7,8 +7,9 @@
 - model_loading.py: models and tokenizers from a hub id, a folder, a .gguf file or `smollm2-135m`
 - generation.py: Generator, prompt in and response out (greedy, sampled, streamed, batched)
 - language_detection.py: Guesslang's programming-language model, batched
-- benchmarks.py: HumanEval and MBPP problems
-- sandbox.py: runs untrusted programs (model-written code) in isolated, limited subprocesses
+- benchmarks.py: HumanEval and MBPP problems; the benchmark texts decontamination checks
+- multilingual.py: HumanEval-X and MultiPL-E: problems, the programs they run, toolchains
+- sandbox.py: compiles and runs untrusted programs (model-written code) in isolated, limited subprocesses
 - logs.py: logger, the one notice channel (warning: ... on stderr, rank 0 only)
 - files.py: the one reader of every file a stage reads (text, JSON, JSON Lines): errors name the file and line
 
