@@ -82,10 +82,13 @@ def test_llama_cpp_chat_completion_answers_like_generate_py(smollm2_dir, tmp_pat
         assert result.returncode == 0, result.stderr[-3000:]
     model = llama_cpp.Llama(model_path=str(tmp_path / "out" / "gguf" / "ggml-model-f32.gguf"), n_ctx=512, n_threads=2,
                             verbose=False)
+    # The section headers as stop strings, as the Modelfile's PARAMETER stop and generate.py do
+    # (an answer ends where the model starts another "### Instruction:").
+    stop = Prompter(load_template("alpaca")).section_headers
     for instruction in ["Write a Python function that adds two numbers.", "What does SQL stand for?",
                         "Reverse a string in JavaScript."]:
         reply = model.create_chat_completion([{"role": "user", "content": instruction}], temperature=0.0, top_k=1,
-                                             repeat_penalty=1.0, max_tokens=48, seed=0)
+                                             repeat_penalty=1.0, max_tokens=48, seed=0, stop=stop)
         answer = subprocess.run([sys.executable, "generate.py", "--base_model", str(tmp_path / "out" / "hf_ckpt"),
                                  "--instruction", instruction, "--temperature", "0", "--max_new_tokens", "48"],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
