@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
@@ -130,10 +129,11 @@ class Adapter:
     def scaling(self, module: str, *, rank: int) -> float:
         """alpha / r (or / sqrt(r) with rsLoRA), with the adapter's rank_pattern / alpha_pattern,
         matched to module names as PEFT matches them."""
-        from peft.utils.other import get_pattern_key
-
         alpha_pattern = self.config.get("alpha_pattern") or {}
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), self.config.get("lora_alpha", rank))
+        # PEFT's get_pattern_key: the first pattern that matches the end of the module's name (copied,
+        # as importing peft would cost this low-memory merge a few hundred MB).
+        key = next((key for key in alpha_pattern if re.match(rf"(.*\.)?({key})$", module)), None)
+        alpha = alpha_pattern[key] if key is not None else self.config.get("lora_alpha", rank)
         return alpha / rank ** 0.5 if self.config.get("use_rslora") else alpha / rank
 
     def changes(self) -> set[str]:
@@ -223,25 +223,52 @@ def parse_size(size: str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[match.group(2)])
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+class StreamingShard:
+    """One safetensors file written tensor by tensor: each tensor's bytes go straight to a data file
+    beside it, and the header (which must come first and list every tensor) is written in front at
+    the end. Memory: one tensor, not a whole shard."""
+
+    def __init__(self, path: Path):
+        self.path, self.header, self.size = path, {}, 0
+        self.data = open(path.with_name(f".{path.name}.data"), "wb")
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [self.size, self.size + raw.nbytes]}
+        self.data.write(memoryview(raw))
+        self.size += raw.nbytes
+
+    def close(self) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(self.path, "wb") as output, open(self.data.name, "rb") as data:
+            output.write(len(header).to_bytes(8, "little") + header)
+            shutil.copyfileobj(data, output, 16 * 2**20)
+        os.remove(self.data.name)
+
+
 def write_hf(tensors, folder: Path, base: Path, config, dtype_name: str, max_shard_bytes: int, tokenizer):
     """Safetensors shards of at most max_shard_bytes (plus an index when there are several)."""
-    shards, current, current_bytes, index = [], {}, 0, {}
-
-    def flush():
-        nonlocal current, current_bytes
-        if current:
-            name = f"model-{len(shards) + 1:05d}.safetensors"
-            save_file(current, str(folder / name), metadata={"format": "pt"})
-            shards.append((name, list(current)))
-            current, current_bytes = {}, 0
+    shards, current = [], None
 
     for name, tensor in tensors:
         size = tensor.numel() * tensor.element_size()
-        if current and current_bytes + size > max_shard_bytes:
-            flush()
-        current[name] = tensor
-        current_bytes += size
-    flush()
+        if current is not None and current.header and current.size + size > max_shard_bytes:
+            current.close()
+            current = None
+        if current is None:
+            current = StreamingShard(folder / f"model-{len(shards) + 1:05d}.safetensors")
+            shards.append((current.path.name, current.header))
+        current.add(name, tensor)
+    if current is not None:
+        current.close()
     if len(shards) == 1:
         os.replace(folder / shards[0][0], folder / "model.safetensors")
     else:
