@@ -90,6 +90,8 @@ class Adapter:
         with safe_open(str(weights_file), framework="pt") as adapter:
             for key in adapter.keys():
                 name = re.sub(r"^base_model\.model\.", "", key)
+                if ".original_module." in name:
+                    continue  # PEFT's copy of the module a modules_to_save copy replaces: unused once adapted
                 tensor = adapter.get_tensor(key)
                 if match := re.fullmatch(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight", name):
                     parts.setdefault(match[1], {})[match[2]] = tensor

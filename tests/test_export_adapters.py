@@ -123,12 +123,12 @@ def test_lora_bias_merges_into_the_base_bias(biased_dir, tmp_path):
 
 def test_lora_bias_without_a_base_bias_is_refused(untied_dir, tmp_path):
     perturbed_adapter(untied_dir, tmp_path / "adapter", target_modules=["q_proj"], lora_bias=True)
-    assert_refused(untied_dir, tmp_path / "adapter", "model.layers.0.self_attn.q_proj.lora_B.bias", "no", "bias")
+    assert_refused(untied_dir, tmp_path / "adapter", tmp_path, "model.layers.0.self_attn.q_proj.lora_B.bias", "no", "bias")
 
 
 def test_trainable_tokens_are_refused(untied_dir, tmp_path):
     perturbed_adapter(untied_dir, tmp_path / "adapter", target_modules=["q_proj"], trainable_token_indices=[3, 4])
-    assert_refused(untied_dir, tmp_path / "adapter", "trainable_token_indices")
+    assert_refused(untied_dir, tmp_path / "adapter", tmp_path, "trainable_token_indices")
 
 
 def test_an_unknown_tensor_is_refused_by_name(untied_dir, tmp_path):
@@ -138,5 +138,5 @@ def test_an_unknown_tensor_is_refused_by_name(untied_dir, tmp_path):
     weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     weights["base_model.model.model.layers.0.self_attn.q_proj.lora_mystery"] = torch.zeros(3)
     save_file(weights, str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert_refused(untied_dir, tmp_path / "adapter", "base_model.model.model.layers.0.self_attn.q_proj.lora_mystery")
+    assert_refused(untied_dir, tmp_path / "adapter", tmp_path, "base_model.model.model.layers.0.self_attn.q_proj.lora_mystery")
     shutil.rmtree(tmp_path / "adapter")
