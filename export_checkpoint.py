@@ -1,17 +1,28 @@
-"""Export stage: merge a LoRA adapter into its base model and save it for transformers, PyTorch or llama.cpp.
+"""Export stage: merge a LoRA adapter into its base model and save it for transformers, llama.cpp,
+Ollama or PyTorch, prompted as it was trained.
 
     python export_checkpoint.py --lora_weights ./lora-codeup --export_dir export_checkpoint/codeup --checkpoint_type hf
-    python export_checkpoint.py --lora_weights ./lora-codeup --export_dir export_checkpoint/codeup --checkpoint_type gguf
+    python export_checkpoint.py --lora_weights ./lora-codeup --export_dir export_checkpoint/codeup --checkpoint_type gguf --quantize q4_k_m
 
 The merge works tensor by tensor, reading the base model shard by shard (never in 8-bit): each
-adapted weight becomes W + scaling * B @ A, in float32, then the export dtype. Peak memory stays
-near one shard plus the adapter. Everything is written into a temp folder beside the target and
-renamed at the end, so a crash never leaves a half export that looks whole.
+adapted weight becomes what PEFT computes (W + scaling * B @ A in float32; DoRA, lora_bias,
+module copies, resized embeddings too), then the export dtype; each tensor is streamed into its
+shard file. Peak memory stays near one tensor plus the adapter and the libraries. An adapter
+tensor of a kind the merge does not know stops it (one line naming the tensor): a merge is exact
+or refused. Everything is written into a temp folder beside the target and renamed at the end,
+so a crash never leaves a half export that looks whole.
 
-  hf       {export_dir}/hf_ckpt/: sharded safetensors, config (no quantization settings), tokenizer,
-           generation config; loads with AutoModelForCausalLM and serves generate.py.
-  pytorch  {export_dir}/ckpt/consolidated.00.pth + params.json in Meta's Llama layout.
-  gguf     {export_dir}/gguf/ggml-model-{f32|f16|bf16}.gguf for llama.cpp (optionally quantized).
+The exports' chat template is the training prompt (utils/prompter.py: chat_template), read from
+the adapter's prompt_template.json (--prompt_template to choose another).
+
+  hf         {export_dir}/hf_ckpt/: sharded safetensors, config (no quantization settings), tokenizer
+             with the chat template, generation config; loads with AutoModelForCausalLM.
+  gguf       {export_dir}/gguf/ggml-model-{f32|f16|bf16}.gguf by llama.cpp's own convert_hf_to_gguf.py
+             (any architecture it supports), optionally quantized by llama.cpp (q8_0, q4_k_m, q5_k_m),
+             and an Ollama Modelfile.{suffix} beside each GGUF.
+  gguf-lora  {export_dir}/gguf-lora/: a GGUF of the base and the adapter as a GGUF LoRA
+             (convert_lora_to_gguf.py), for llama-cli --lora / llama-cpp-python's lora_path.
+  pytorch    {export_dir}/ckpt/consolidated.00.pth + params.json in Meta's Llama layout.
 """
 
 import json
