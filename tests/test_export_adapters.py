@@ -83,6 +83,7 @@ def assert_refused(base, adapter, tmp_path, *words):
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.mark.slow  # 14 exports
 @pytest.mark.parametrize("base_name", ["untied_dir", "tied_dir"])
 @pytest.mark.parametrize("kind, options", [
     ("plain", dict(target_modules=ALL_LINEAR)),
@@ -100,6 +101,7 @@ def test_adapter_kind_merges_exactly(request, base_name, kind, options, tmp_path
     assert_export_equals(peft_model, base, tmp_path / "adapter", tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_name", ["untied_dir", "tied_dir"])
 def test_resized_embeddings_merge_with_the_bigger_vocabulary(request, base_name, tmp_path):
     base = request.getfixturevalue(base_name)
