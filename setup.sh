@@ -73,7 +73,8 @@ fi
 installed() { [[ -f "$VENV/.codeup-$1" && "$(cat "$VENV/.codeup-$1")" == "$2" ]]; }
 runtime_key="$(sha256sum requirements.txt | cut -c1-16) $TORCH_SPEC"
 dev_key="$(sha256sum requirements-dev.txt | cut -c1-16)"
-if [[ -x "$VENV/bin/python" ]] && installed runtime "$runtime_key" && { [[ $DEV == 0 ]] || installed dev "$dev_key"; }; then
+LLAMA_CPP_PYTHON_VERSION=0.3.36  # llama.cpp's converters come from this sdist (below)
+if [[ -x "$VENV/bin/python" ]] && installed runtime "$runtime_key" && installed converter "$LLAMA_CPP_PYTHON_VERSION" && { [[ $DEV == 0 ]] || installed dev "$dev_key"; }; then
   echo "setup: $VENV is up to date"
   exit 0
 fi
@@ -95,5 +96,23 @@ if [[ $DEV == 1 ]] && ! installed dev "$dev_key"; then
   # llama-cpp-python compiles llama.cpp; a portable build (no -march=native) runs on any x86-64.
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${pip[@]}" -r requirements-dev.txt
   echo "$dev_key" > "$VENV/.codeup-dev"
+fi
+# llama.cpp's own converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py, their `conversion`
+# package and the gguf-py of the same commit) plus its vocab-only GGUFs of real tokenizers (tests),
+# taken from the llama-cpp-python source distribution on PyPI, pinned to the llama-cpp-python that
+# requirements-dev.txt installs. Plain Python: no compiler. export_checkpoint.py runs them from here
+# (or from $CODEUP_LLAMA_CPP).
+converter_dir="$VENV/share/codeup-llama.cpp"
+if ! installed converter "$LLAMA_CPP_PYTHON_VERSION"; then
+  sdist_dir=$(mktemp -d)
+  "$VENV/bin/python" -m pip download --disable-pip-version-check --progress-bar off --no-deps \
+    --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$sdist_dir"
+  vendor="llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
+  tar -xzf "$sdist_dir"/llama_cpp_python-*.tar.gz -C "$sdist_dir" --wildcards \
+    "$vendor/convert_hf_to_gguf.py" "$vendor/convert_lora_to_gguf.py" "$vendor/conversion" \
+    "$vendor/gguf-py" "$vendor/LICENSE" "$vendor/models/ggml-vocab-*.gguf"
+  rm -rf "$converter_dir" && mkdir -p "$(dirname "$converter_dir")"
+  mv "$sdist_dir/$vendor" "$converter_dir" && rm -rf "$sdist_dir"
+  echo "$LLAMA_CPP_PYTHON_VERSION" > "$VENV/.codeup-converter"
 fi
 echo "setup: installed into $VENV in $((SECONDS - start)) s ($(du -sh "$VENV" | cut -f1))"

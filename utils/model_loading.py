@@ -74,7 +74,8 @@ def materialize_gguf(gguf_path: Path) -> Path:
     """Convert a GGUF file once into a plain HF folder (float32 weights + tokenizer) in the cache."""
     gguf_path = Path(gguf_path).resolve()
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # The version tag rebuilds caches made by older conversions (v2: the real BPE pre-tokenizer).
+    key = hashlib.sha256(f"v2:{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -100,6 +101,7 @@ def materialize_gguf(gguf_path: Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        restore_pre_tokenizer(staging, gguf_path)
         try:
             staging.rename(target)
         except OSError:  # another process finished first: use its copy
@@ -108,6 +110,36 @@ def materialize_gguf(gguf_path: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# llama.cpp's names of BPE pre-tokenizers -> the Hugging Face pre-tokenizer they stand for, where
+# transformers' GGUF reader gives a bare byte-level one instead. llama.cpp's converter recognises a
+# BPE tokenizer by how it pre-tokenizes, so the folder must carry the real one.
+HF_PRE_TOKENIZERS = {
+    "smollm": {  # SmolLM / SmolLM2: every digit alone, then GPT-2's byte-level rules
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    },
+}
+
+
+def restore_pre_tokenizer(folder: Path, gguf_path: Path) -> None:
+    """Writes the GGUF's real pre-tokenizer (tokenizer.ggml.pre) into folder/tokenizer.json."""
+    import json
+
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
+    name = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    tokenizer_file = folder / "tokenizer.json"
+    if name not in HF_PRE_TOKENIZERS or not tokenizer_file.is_file():
+        return
+    tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    tokenizer["pre_tokenizer"] = HF_PRE_TOKENIZERS[name]
+    tokenizer_file.write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def module_names(model_path: str) -> set[str]:

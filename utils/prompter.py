@@ -64,9 +64,13 @@ def save_template_record(folder, *, name: str, template: dict) -> None:
     os.replace(temp, folder / TEMPLATE_RECORD)
 
 
+CHAT_RECORD_NAME = "chat"  # an adapter trained with the base tokenizer's own chat template
+
+
 def read_template_record(lora_weights) -> dict | None:
     """{"name", "template"} recorded by finetune.py in an adapter folder; None for adapters from
-    elsewhere (or none at all)."""
+    elsewhere (or none at all). A chat-tuned adapter's record is {"name": "chat", "template": None}:
+    it was trained with the base tokenizer's own chat template."""
     if not lora_weights:
         return None
     path = Path(lora_weights).expanduser() / TEMPLATE_RECORD
@@ -75,23 +79,27 @@ def read_template_record(lora_weights) -> dict | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         name = record["name"]
+        if name == CHAT_RECORD_NAME and record["template"] is None:
+            return {"name": name, "template": None}
         template = check_template(record["template"], source=str(path))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise CodeUpError(f"{path}: not a prompt-template record written by finetune.py ({error})") from error
     return {"name": name, "template": template}
 
 
-def resolve_prompt_template(prompt_template: str | None, lora_weights=None) -> dict:
+def resolve_prompt_template(prompt_template: str | None, lora_weights=None) -> dict | None:
     """The template to prompt a model with: the one its adapter was trained with, unless
     --prompt_template names another (allowed, with a warning: the model never saw that format);
-    without a record (a base model, an adapter from elsewhere): --prompt_template or the default."""
+    without a record (a base model, an adapter from elsewhere): --prompt_template or the default.
+    None: the adapter was chat-tuned (record name "chat"): prompt it with the base tokenizer's own
+    chat template."""
     record = read_template_record(lora_weights)
     if record is None:
         return load_template(prompt_template or DEFAULT_TEMPLATE)
     if prompt_template is None:
         return record["template"]
     chosen = load_template(prompt_template)
-    if chosen != record["template"]:
+    if chosen != record["template"]:  # a chat record's None never equals a template
         logger.warning(
             f"{lora_weights} was trained with the prompt template {record['name']!r}; prompting it with "
             f"{prompt_template!r} instead (leave --prompt_template out to use the training template)"
@@ -145,3 +153,76 @@ class Prompter:
             if position != -1:
                 cut = min(cut, position)
         return text[:cut].strip()
+
+
+# ---- the training prompt as a chat template (exports: transformers, llama.cpp, Ollama) ---------
+
+INSTRUCTION_SLOT = "\x00instruction\x00"  # stands for the instruction while the template is cut up
+
+
+def prompt_parts(template: dict) -> tuple[str, str, str]:
+    """The no-input prompt cut into (before the instruction, after it up to the response header,
+    the response header onwards): the last part is what add_generation_prompt adds. A template
+    whose response header does not follow the instruction keeps everything after it in the middle
+    part (the generation prompt is then empty)."""
+    prompt = template["prompt_no_input"].format(instruction=INSTRUCTION_SLOT)
+    before, after = prompt.split(INSTRUCTION_SLOT, 1)
+    split = after.rfind(template["response_split"])
+    if split == -1:
+        return before, after, ""
+    return before, after[:split], after[split:]
+
+
+def jinja_string(text: str) -> str:
+    """A Jinja string literal for text (Jinja2 and llama.cpp's engine both read these escapes)."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f"'{escaped}'"
+
+
+def chat_template(template: dict) -> str:
+    """A Jinja chat template (Hugging Face's apply_chat_template, llama.cpp, llama-cpp-python) that
+    renders a conversation in the training prompt:
+
+    - one user message with add_generation_prompt=True renders exactly the no-input prompt the
+      model was trained on, e.g. Alpaca's "Below is an instruction ... ### Instruction:\n{it}\n\n
+      ### Response:\n";
+    - a system message (anywhere; the last one counts) is put before the first user message's
+      text, followed by a blank line: it becomes part of the instruction, the only place the
+      training format has for it;
+    - a multi-turn history renders as earlier prompts each followed by its answer and EOS (as every
+      training example ended), then the new prompt: user -> the prompt without the response header,
+      assistant -> the response header, the answer, EOS;
+    - add_generation_prompt=True adds the response header after a final user message.
+    No BOS: the tokenizer adds it when the model has one, as in training."""
+    before, middle, response = prompt_parts(template)
+    return (
+        "{%- set ns = namespace(system='') -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] + '\\n\\n' -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        f"{{{{ {jinja_string(before)} + ns.system + message['content'] + {jinja_string(middle)} }}}}"
+        "{%- set ns.system = '' -%}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        f"{{{{ {jinja_string(response)} + message['content'] + eos_token }}}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {jinja_string(response)} }}}}{{%- endif -%}}"
+    )
+
+
+def ollama_template(template: dict, *, eos_token: str) -> str:
+    """The same rendering as chat_template, as an Ollama (Go text/template) TEMPLATE: the last
+    system message before the first user turn, each answer ended by EOS (eos_token: its text), and the response header after the last user turn."""
+    before, middle, response = prompt_parts(template)
+    literal = lambda text: text.replace("{{", '{{ "{{" }}')  # noqa: E731  (Go text is literal but for {{)
+    # No {{- / -}} anywhere: they would trim the template's own newlines next to them.
+    return (
+        '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = printf "%s\\n\\n" .Content }}{{ end }}{{ end }}'
+        '{{ range $i, $m := .Messages }}'
+        '{{ if eq $m.Role "user" }}' + literal(before) + '{{ $system }}{{ $system = "" }}{{ $m.Content }}' + literal(middle)
+        + '{{ if eq (len (slice $.Messages $i)) 1 }}' + literal(response) + '{{ end }}'
+        + '{{ else if eq $m.Role "assistant" }}' + literal(response) + '{{ $m.Content }}' + literal(eos_token)
+        + '{{ end }}{{ end }}'
+    )
