@@ -119,10 +119,11 @@ def test_finetune_chat_on_mixed_records_and_generate_uses_the_chat_template(base
     data.write_text("\n".join(json.dumps(r) for r in [ALPACA, MESSAGES, SHAREGPT] * 4) + "\n")
     base_model = str(tiny_llama_dir) if base == "tiny" else "smollm2-135m"
     output = tmp_path / "adapter"
-    run = subprocess.run([sys.executable, "finetune.py", "--base_model", base_model, "--data_path", data,
-                          "--output_dir", output, "--prompt_template_name", "chat", "--max_steps", 2,
-                          "--batch_size", 4, "--micro_batch_size", 2, "--val_set_size", 0, "--cutoff_len", 256,
-                          "--save_steps", 100, "--warmup_steps", 0, "--precision", "fp32"],
+    run = subprocess.run([sys.executable, "finetune.py", *map(str, [
+                              "--base_model", base_model, "--data_path", data, "--output_dir", output,
+                              "--prompt_template_name", "chat", "--max_steps", 2, "--batch_size", 4,
+                              "--micro_batch_size", 2, "--val_set_size", 0, "--cutoff_len", 256, "--save_steps", 100,
+                              "--warmup_steps", 0, "--precision", "fp32"])],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((output / "prompt_template.json").read_text()) == {"name": "chat", "template": None}
@@ -134,8 +135,9 @@ def test_finetune_chat_on_mixed_records_and_generate_uses_the_chat_template(base
     tokenizer = generator.tokenizer
     prompt = generator.prompter.generate_prompt("Print hello in Python.")
     assert prompt == render_chat(tokenizer, [{"role": "user", "content": "Print hello in Python."}], add_generation_prompt=True)
-    answer = subprocess.run([sys.executable, "generate.py", "--base_model", base_model, "--lora_weights", output,
-                             "--instruction", "Print hello in Python.", "--temperature", 0, "--max_new_tokens", 8],
+    answer = subprocess.run([sys.executable, "generate.py", *map(str, [
+                                 "--base_model", base_model, "--lora_weights", output, "--instruction",
+                                 "Print hello in Python.", "--temperature", 0, "--max_new_tokens", 8])],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert answer.returncode == 0, answer.stderr[-3000:]
     assert answer.stdout.rstrip("\n") == generator.answer("Print hello in Python.", temperature=0, max_new_tokens=8)

@@ -236,7 +236,7 @@ def test_evaluate_through_our_server_equals_loading_the_model(smollm2_server, tm
     for name, extra in (("local", ["--batch_size", 1]), ("api", ["--api_base", smollm2_server["base"] + "/v1",
                                                                  "--api_concurrency", 4])):
         output = tmp_path / name
-        run = subprocess.run([sys.executable, "evaluate.py", *map(str, common), "--output_dir", output, *extra],
+        run = subprocess.run([sys.executable, "evaluate.py", *map(str, common), "--output_dir", output, *map(str, extra)],
                              cwd=ROOT, capture_output=True, text=True, timeout=1200)
         assert run.returncode == 0, run.stderr[-3000:]
         runs[name] = (json.loads((output / "humaneval_results.json").read_text()),
