@@ -162,6 +162,29 @@ def generate_samples(problems, base_model, lora_weights, prompt_template, n_samp
     return samples
 
 
+def generate_samples_via_api(problems, *, api_base, api_model, api_key, concurrency, prompt_template, n_samples,
+                             temperature, max_new_tokens) -> tuple[list[dict], dict]:
+    """n_samples responses per problem from an OpenAI-compatible server; (samples, which endpoint
+    and model answered)."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    from utils.api_generation import ApiGenerator
+
+    generator = ApiGenerator(api_base=api_base, api_model=api_model, api_key=api_key or os.environ.get("CODEUP_API_KEY", ""),
+                             prompt_template=prompt_template, concurrency=concurrency)
+    requests = [(problem, index) for problem in problems for index in range(n_samples)]
+    with tqdm(total=len(requests), desc=f"Generating via {api_base}", unit="sample") as bar:
+        responses = generator.answer_all([(p["instruction"], p["input"], index) for p, index in requests],
+                                         on_done=lambda: bar.update(1), temperature=temperature, top_p=0.95,
+                                         max_new_tokens=max_new_tokens)
+    samples = [{"task_id": problem["task_id"], "prompt": generator.prompt(problem["instruction"], problem["input"]),
+                "response": response, "code": extract_code(response, problem)}
+               for (problem, _), response in zip(requests, responses)]
+    return samples, {"api_base": api_base, "api_model": generator.model}
+
+
 def read_samples(samples_file: str, problems: list[dict], tasks: list[str] | None = None) -> list[dict]:
     """Given completions (jsonl: task_id, completion, and `task` where several tasks share task
     ids, as MultiPL-E's languages do), for the problems they name. A completion is used as it is
@@ -280,6 +303,10 @@ def main(
     max_new_tokens: int = 512,
     batch_size: int = 8,
     load_8bit: bool = False,
+    api_base: str = "",
+    api_model: str = "",
+    api_key: str = "",
+    api_concurrency: int = 4,
 ):
     """Score a model (or given completions) on HumanEval, MBPP, HumanEval-X or MultiPL-E; write
     samples and results.
@@ -308,6 +335,11 @@ def main(
         max_new_tokens: the longest answer.
         batch_size: prompts generated together.
         load_8bit: load the base model in 8-bit.
+        api_base: generate through this OpenAI-compatible server (e.g. http://127.0.0.1:7860/v1:
+            generate.py, llama.cpp's llama-server) instead of loading a model; same prompts.
+        api_model: the model name to ask the server for (default: the first it lists).
+        api_key: the server's key (default: the CODEUP_API_KEY environment variable).
+        api_concurrency: requests in flight at once.
     """
     started = time.time()
     ks = sorted({int(value) for value in parse_list(k)}) if not isinstance(k, int) else [k]
@@ -329,12 +361,17 @@ def main(
     if samples_file:
         samples = read_samples(samples_file, problems, tasks)
         model = f"samples from {samples_file}"
+    elif api_base:
+        samples, model = generate_samples_via_api(problems, api_base=api_base, api_model=api_model, api_key=api_key,
+                                                  concurrency=api_concurrency, prompt_template=prompt_template,
+                                                  n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens)
     else:
         samples = generate_samples(problems, base_model, lora_weights, prompt_template, n_samples, temperature,
                                    max_new_tokens, batch_size, load_8bit)
+        model = base_model + (f" + {lora_weights}" if lora_weights else "")
+    if not samples_file:
         for sample, problem in zip(samples, [p for p in problems for _ in range(n_samples)]):
             sample["task"] = problem["task"]  # the samples come in the order of the requests
-        model = base_model + (f" + {lora_weights}" if lora_weights else "")
 
     programs = [build_program(s["task"], by_key[s["task"], s["task_id"]], s["code"], timeout) for s in samples]
     outcomes = run_programs(programs, Limits(timeout=timeout), workers=workers)

@@ -23,6 +23,7 @@ import transformers
 from datasets import load_dataset
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
 from utils.files import read_json, read_jsonl
@@ -90,7 +91,9 @@ def train(
         data_path: a JSON list / JSONL file of {instruction, input, output} records, or a hub dataset id.
         output_dir: where checkpoints, the adapter (adapter_model.safetensors), loss.png and the
             trainer's state go.
-        prompt_template_name: a template in templates/ or a path to a JSON template.
+        prompt_template_name: a template in templates/, a path to a JSON template, or chat: the base
+            tokenizer's own chat template, for Alpaca, OpenAI `messages` and ShareGPT
+            `conversations` records (mixed; several files comma-separated), loss on assistant turns.
         batch_size: examples per optimizer step (all processes together).
         micro_batch_size: examples per forward pass and process; gradient accumulation makes up
             the difference: batch_size // micro_batch_size // number of processes.
@@ -137,7 +140,9 @@ def train(
     if load_in_8bit is None:
         load_in_8bit = cuda and not load_in_4bit
     check_target_modules(target_modules, module_names(resolve_model_reference(base_model)))
-    records = load_records(data_path)  # every data error surfaces here, before the model loads
+    # every data error surfaces here, before the model loads; chat: Alpaca, messages and ShareGPT
+    # records (mixed, comma-separated files) in the base tokenizer's chat template
+    records = load_chat_records(data_path) if prompt_template_name == CHAT else load_records(data_path)
 
     transformers.set_seed(seed)
     tokenizer = load_tokenizer(base_model, padding_side="right")
@@ -158,7 +163,8 @@ def train(
     )
     # The template travels with the adapter: generate.py, evaluate.py and export_checkpoint.py
     # prompt it (and exports carry it as their chat template) exactly as it was trained.
-    template_record = dict(name=Path(prompt_template_name).stem, template=load_template(prompt_template_name))
+    template_record = dict(name=Path(prompt_template_name).stem, template=None if prompt_template_name == CHAT
+                           else load_template(prompt_template_name))
     if trainer.is_world_process_zero():
         save_template_record(output_dir, **template_record)
     # Before the completion marker, so a checkpoint marked whole always has its template.
@@ -277,11 +283,14 @@ def load_records(data_path: str):
 
 def tokenize_records(records, tokenizer, template, cutoff_len, train_on_inputs, add_eos_token, val_set_size, seed):
     """Split off the validation set, then tokenize (prompt masked unless train_on_inputs)."""
-    prompter = Prompter(template)
+    prompter = None if template == CHAT else Prompter(template)
 
     def tokenize(record):
         prompt = prompter.generate_prompt(record["instruction"], record["input"])
         return tokenize_for_training(tokenizer, prompt, record["output"], cutoff_len, train_on_inputs, add_eos_token)
+
+    if template == CHAT:  # the loss on assistant turns only; EOS is the template's end of turn
+        tokenize = chat_tokenizer_function(tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
 
     if val_set_size > 0 and val_set_size >= len(records) // 2:
         clamped = max(1, len(records) // 10) if len(records) >= 2 else 0

@@ -4,13 +4,16 @@
     python generate.py --lora_weights ./lora-codeup      # base model + your adapter
     python generate.py --instruction "Reverse a string in Python."          # print one answer
     python generate.py --prompts_file in.jsonl --output_file out.jsonl      # answer a file, batched
+    python generate.py --api_only --api_key KEY          # only the OpenAI-compatible API (/v1/...)
 
-One Generator (utils/generation.py) serves all three: it builds the prompt from the template,
+The page and the OpenAI-compatible API (utils/openai_api.py: /v1/models, /v1/chat/completions,
+/v1/completions) share one port, one model and one queue. One Generator (utils/generation.py) serves all: it builds the prompt from the template,
 generates (greedy when temperature is 0; streamed with transformers' TextIteratorStreamer), stops
 at EOS or where the model starts a new template section, and returns only the response.
 """
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from utils.errors import CodeUpError
 from utils.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
+from utils.openai_api import API_KEY_ENV
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 EMPTY_INSTRUCTION = "Please enter an instruction."
@@ -29,7 +33,9 @@ BEAMS_DO_NOT_STREAM = "Beam search cannot stream: the answer appears when it is 
 
 # ---- the web page -------------------------------------------------------------------------
 
-def build_demo(generator: Generator):
+def build_demo(generator: Generator, *, base_model: str = DEFAULT_BASE_MODEL, lora_weights: str = ""):
+    """The page: a single-turn Instruction form (its /generate API unchanged) and a Chat tab, both
+    answering in Markdown (highlighted code, copy buttons); one generation at a time."""
     import gradio as gr
 
     def generate(instruction, input, temperature, top_p, top_k, num_beams, max_new_tokens, stream_output):
@@ -46,7 +52,24 @@ def build_demo(generator: Generator):
         else:
             yield generator.answer(instruction, input, **settings)
 
-    return gr.Interface(
+    def chat(message, history, temperature, max_new_tokens):
+        """A multi-turn conversation, rendered with the model's prompt (its chat template for
+        chat-tuned models); the answer grows as it streams."""
+        if not str(message).strip():
+            yield EMPTY_INSTRUCTION
+            return
+        messages = [{"role": turn["role"], "content": message_text(turn["content"])} for turn in history
+                    if turn.get("role") in ("user", "assistant")] + [{"role": "user", "content": str(message)}]
+        answer = ""
+        for piece in generator.stream_completion(
+                generator.chat_prompt(messages), temperature=clamp(temperature, TEMPERATURE, float), top_p=TOP_P[2],
+                max_new_tokens=clamp(max_new_tokens, MAX_NEW_TOKENS, int)):
+            if isinstance(piece, str):
+                answer += piece
+                yield answer
+        yield answer
+
+    instruction_form = gr.Interface(
         fn=generate,
         inputs=[
             gr.Textbox(lines=2, label="Instruction", placeholder="Write a Python function that reverses a string."),
@@ -58,13 +81,41 @@ def build_demo(generator: Generator):
             gr.Slider(*MAX_NEW_TOKENS[:2], value=MAX_NEW_TOKENS[2], step=1, label="Max tokens"),
             gr.Checkbox(value=True, label="Stream output"),
         ],
-        outputs=gr.Textbox(lines=8, label="Output"),
-        title="CodeUp",
-        description="A Llama-family model tuned on code instructions. Write an instruction (and optional input).",
+        outputs=gr.Markdown(label="Output", buttons=["copy"], elem_id="answer", min_height=120),
         flagging_mode="never",
         api_name="generate",
         concurrency_limit=1,  # one generation at a time per model; the rest wait in the queue
     )
+    prompt_name = "the base's chat template" if generator.chat else "an instruction template"
+    with gr.Blocks(title="CodeUp") as demo:
+        gr.Markdown(
+            f"# CodeUp\nServing **{base_model}**" + (f" with the LoRA adapter **{lora_weights}**" if lora_weights else "")
+            + f", prompted with {prompt_name}. Also an OpenAI-compatible API at `/v1` (editors, the `openai` client).")
+        with gr.Tab("Instruction"):
+            instruction_form.render()
+        with gr.Tab("Chat"):
+            gr.ChatInterface(
+                fn=chat,
+                chatbot=gr.Chatbot(label="Conversation", height=480, buttons=["copy", "copy_all"]),
+                additional_inputs=[
+                    gr.Slider(*TEMPERATURE[:2], value=TEMPERATURE[2], step=0.05, label="Temperature (0: greedy)"),
+                    gr.Slider(*MAX_NEW_TOKENS[:2], value=MAX_NEW_TOKENS[2], step=1, label="Max tokens"),
+                ],
+                api_name="chat",
+                concurrency_limit=1,
+            )
+    return demo
+
+
+def message_text(content) -> str:
+    """A chat message's text (Gradio hands content as a string or a list of typed parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return str(content)
 
 
 # ---- batch files ----------------------------------------------------------------------------
@@ -112,6 +163,10 @@ def main(
     num_beams: int = BEAMS[2],
     max_new_tokens: int = MAX_NEW_TOKENS[2],
     seed: int | None = None,
+    api_only: bool = False,
+    api_key: str | None = None,
+    api_model_name: str = "",
+    max_queue: int = 64,
 ):
     """Start the web demo, or answer --instruction or a --prompts_file and exit.
 
@@ -135,6 +190,12 @@ def main(
         num_beams: beam search width (CLI modes).
         max_new_tokens: the longest answer in tokens (CLI modes).
         seed: seeds sampling, for repeatable answers.
+        api_only: serve only the OpenAI-compatible API (/v1/...), without the page.
+        api_key: require "Authorization: Bearer KEY" on every /v1 route (default: the
+            CODEUP_API_KEY environment variable; unset: no key, fine on 127.0.0.1).
+        api_model_name: the model name the API serves and expects in requests (default: the
+            adapter's folder name, else the base model's name).
+        max_queue: requests that may wait for the model; the API answers 429 beyond it.
     """
     if prompts_file and not output_file:
         raise CodeUpError("--prompts_file needs --output_file")
@@ -152,11 +213,40 @@ def main(
     if str(instruction).strip():
         print(generator.answer(str(instruction), str(input), **settings))
         return None
+    if max_queue < 1:
+        raise CodeUpError("--max_queue must be at least 1")
     if share_gradio:
-        warnings.warn("--share_gradio: a public link to this page will exist for 72 hours")
-    demo = build_demo(generator)
-    demo.queue(max_size=64).launch(server_name=server_name, server_port=server_port, share=share_gradio)
+        warnings.warn("--share_gradio: a public link to this page will exist for 72 hours (the page only: "
+                      "the /v1 API is served without --share_gradio)")
+        build_demo(generator, base_model=base_model, lora_weights=lora_weights).queue(max_size=max_queue).launch(server_name=server_name, server_port=server_port, share=True)
+        return None
+    serve(generator, base_model=base_model, lora_weights=lora_weights, api_only=api_only,
+          api_key=api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None,
+          api_model_name=api_model_name, max_queue=max_queue, server_name=server_name, server_port=server_port)
     return None
+
+
+def served_model_name(base_model: str, lora_weights: str) -> str:
+    return Path(str(lora_weights or base_model).rstrip("/")).name or str(base_model)
+
+
+def serve(generator, *, base_model, lora_weights, api_only, api_key, api_model_name, max_queue, server_name, server_port):
+    """The OpenAI-compatible API, and the page mounted on the same FastAPI app (one port, one model)."""
+    import uvicorn
+
+    from utils.openai_api import OpenAIServer, build_app
+
+    name = api_model_name or served_model_name(base_model, lora_weights)
+    app = build_app(OpenAIServer(generator, name, api_key=api_key, max_queue=max_queue))
+    if not api_only:
+        import gradio as gr
+
+        demo = build_demo(generator, base_model=base_model, lora_weights=lora_weights).queue(max_size=max_queue)
+        app = gr.mount_gradio_app(app, demo, path="/", server_name=server_name, server_port=server_port)
+    where = f"http://{server_name}:{server_port}"
+    print(("" if api_only else f"The page: {where}/\n") + f"OpenAI-compatible API: {where}/v1 (model {name!r}"
+          + (", key required)" if api_key else ")"), flush=True)
+    uvicorn.run(app, host=server_name, port=server_port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
    same seed): tokens/s and time to first token, greedy and sampled. Our overhead (prompt building,
    the streaming thread, incremental decoding, response cutting) should stay under 10%.
 2. The batched file mode: 32 prompts answered in batches of 8 (left padding) vs one at a time.
+3. The OpenAI-compatible API: tokens/s streamed through /v1/chat/completions (uvicorn in this
+   process, the official openai client) vs Generator.stream_completion called directly, the same
+   prompt and settings (target: at most 10% overhead). `--api_row_only` runs this part alone.
 Tokens are counted the same way for both sides: the new tokens each call produced.
 Prints a Markdown table for bench/RESULTS.md.
 """
@@ -92,9 +95,79 @@ def batched_throughput(generator, batch_size, max_new_tokens):
     return batched, single
 
 
+def direct_stream(generator, prompt, settings):
+    """Generator.stream_completion as the API calls it; (new tokens, seconds)."""
+    started = time.perf_counter()
+    completion = [item for item in generator.stream_completion(prompt, **settings) if not isinstance(item, str)][0]
+    return completion.completion_tokens, time.perf_counter() - started
+
+
+def api_stream(client, messages, settings):
+    """The same request through /v1/chat/completions, streamed; (new tokens from usage, seconds to [DONE])."""
+    started = time.perf_counter()
+    tokens = None
+    for chunk in client.chat.completions.create(model="bench", messages=messages, stream=True,
+                                                stream_options={"include_usage": True}, temperature=settings["temperature"],
+                                                top_p=settings["top_p"], max_tokens=settings["max_new_tokens"],
+                                                seed=settings["seed"]):
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return tokens, time.perf_counter() - started
+
+
+def api_row(generator, max_new_tokens, repeats):
+    import socket
+
+    import uvicorn
+    from openai import OpenAI
+
+    from utils.openai_api import OpenAIServer, build_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(OpenAIServer(generator, "bench")), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    import threading
+
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": INSTRUCTION}]
+    prompt = generator.chat_prompt(messages)
+    rows = []
+    for name, settings in (("greedy", dict(temperature=0.0, top_p=1.0)), ("sampled (T=0.7, top-p 0.9)", dict(temperature=0.7, top_p=0.9))):
+        settings.update(max_new_tokens=max_new_tokens, seed=0)
+        direct_stream(generator, prompt, settings)  # warm-up
+        direct, api = [], []
+        for repeat in range(repeats):  # alternate, so that drift hits both
+            settings["seed"] = repeat
+            direct.append(direct_stream(generator, prompt, settings))
+            api.append(api_stream(client, messages, settings))
+        direct_tps = statistics.median(tokens / seconds for tokens, seconds in direct)
+        api_tps = statistics.median(tokens / seconds for tokens, seconds in api)
+        rows.append((name, statistics.median(tokens for tokens, _ in api), direct_tps, api_tps, 1 - api_tps / direct_tps))
+    server.should_exit = True
+    return rows
+
+
+def print_api_rows(rows):
+    print("| decoding | new tokens | Generator direct tokens/s | /v1/chat/completions streamed tokens/s | overhead |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, tokens, direct_tps, api_tps, overhead in rows:
+        print(f"| {name} | {tokens:.0f} | {direct_tps:.1f} | {api_tps:.1f} | {overhead:.1%} |")
+
+
 def main(base_model: str = "smollm2-135m", max_new_tokens: int = 128, repeats: int = 3, batch_size: int = 8,
-         batch_max_new_tokens: int = 64):
+         batch_max_new_tokens: int = 64, api_row_only: bool = False):
     generator = Generator(base_model)
+    if api_row_only:
+        rows = api_row(generator, max_new_tokens, repeats)
+        print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, model {base_model} (float32), "
+              f"max_new_tokens {max_new_tokens}, {repeats} alternating repeats (medians)\n")
+        print_api_rows(rows)
+        return
     rows = []
     for name, settings in (("greedy", dict(temperature=0)), ("sampled (T=0.7, top-p 0.9)", dict(temperature=0.7, top_p=0.9))):
         settings["max_new_tokens"] = max_new_tokens
@@ -123,6 +196,8 @@ def main(base_model: str = "smollm2-135m", max_new_tokens: int = 128, repeats: i
     print(f"| batches of {batch_size} (left padding) | {batched_tokens} | {batched_s:.1f} | {batched_tokens / batched_s:.1f} |")
     print(f"| one at a time | {single_tokens} | {single_s:.1f} | {single_tokens / single_s:.1f} |")
     print(f"\nbatching speed-up: {(batched_tokens / batched_s) / (single_tokens / single_s):.2f}x")
+    print()
+    print_api_rows(api_row(generator, max_new_tokens, repeats))
 
 
 if __name__ == "__main__":

@@ -178,7 +178,10 @@ def test_page_listens_on_loopback_only_by_default(server):
     assert listening and all(address.ip == "127.0.0.1" for address in listening)
 
 
-def test_a_real_browser_streams_an_answer(server, tmp_path):
+@pytest.mark.slow
+def test_a_real_browser_streams_an_answer_and_chats(server, tmp_path):
+    """The Instruction form answers in Markdown (code rendered as code), the page names its model,
+    and the Chat tab answers."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not os.path.exists("/usr/bin/chromium"):
         if os.environ.get("CI"):
@@ -186,19 +189,34 @@ def test_a_real_browser_streams_an_answer(server, tmp_path):
         pytest.skip("Debian's chromium is not installed: apt-get install chromium")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    artifacts = ROOT / "tests" / "artifacts"
+    artifacts.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(server["url"])
+        page.get_by_role("textbox", name="Instruction").wait_for(timeout=120_000)
+        assert "smollm2-135m" in page.locator("body").inner_text()  # the page names what it serves
         page.get_by_role("textbox", name="Instruction").fill("Write a Python function that adds two numbers.")
         page.get_by_role("button", name="Submit").click()
-        output = page.get_by_role("textbox", name="Output")
-        page.wait_for_function("el => el.value.length > 0", arg=output.element_handle(), timeout=120_000)
-        page.wait_for_timeout(1500)
-        screenshot = ROOT / "tests" / "artifacts" / "generate_page.png"
-        screenshot.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(screenshot), full_page=True)
-        text = output.input_value()
+        answer = page.locator("#answer")
+        answer.locator("pre code").first.wait_for(timeout=300_000)  # SmolLM2 answers with a fenced block
+        page.wait_for_timeout(3000)
+        page.screenshot(path=str(artifacts / "generate_page.png"), full_page=True)
+        text = answer.inner_text()
+        highlighted = answer.locator("pre code").count()
+
+        page.get_by_role("tab", name="Chat").click()
+        box = page.locator("textarea:visible").last
+        box.fill("Write a Python function that reverses a string.")
+        box.press("Enter")
+        page.wait_for_function("() => [...document.querySelectorAll('.bot-row')].some(row => row.innerText.trim().length > 0)",
+                               timeout=300_000)
+        page.wait_for_timeout(3000)
+        page.screenshot(path=str(artifacts / "generate_chat.png"), full_page=True)
+        bot_messages = page.locator(".bot-row").all_inner_texts()
         browser.close()
     assert text and text != "Please enter an instruction."
-    assert screenshot.stat().st_size > 10_000
+    assert highlighted >= 1  # SmolLM2 answers with a fenced code block, rendered as code
+    assert any(m.strip() for m in bot_messages)
+    assert (artifacts / "generate_page.png").stat().st_size > 10_000

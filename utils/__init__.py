@@ -6,6 +6,9 @@
 - tokenization.py: tokenization and label masking for training
 - model_loading.py: models and tokenizers from a hub id, a folder, a .gguf file or `smollm2-135m`
 - generation.py: Generator, prompt in and response out (greedy, sampled, streamed, batched)
+- chat_data.py: chat-format records (Alpaca, messages, ShareGPT), chat templates, assistant-only labels
+- openai_api.py: the OpenAI-compatible routes generate.py serves beside the page
+- api_generation.py: generation through any OpenAI-compatible server (evaluate.py --api_base)
 - language_detection.py: Guesslang's programming-language model, batched
 - benchmarks.py: HumanEval and MBPP problems; the benchmark texts decontamination checks
 - multilingual.py: HumanEval-X and MultiPL-E: problems, the programs they run, toolchains

@@ -1,0 +1,318 @@
+"""The OpenAI-compatible API of generate.py: FastAPI routes that share the page's Generator.
+
+    GET  /v1/models              the one model served
+    POST /v1/chat/completions    messages in, rendered with the model's prompt (its training
+                                 template, or the base's chat template for chat-tuned adapters)
+    POST /v1/completions         raw prompt text in
+Both POST routes stream server-sent events (`stream: true`, ending in `data: [DONE]`) or answer in
+one JSON body, with usage token counts and finish_reason (stop / length).
+
+Requests generate one at a time (the Generator's lock, which the page shares); at most
+`max_queue` API requests wait, further ones get 429. A client that disconnects mid-stream cancels
+its generation, so the next request starts at once. Errors use OpenAI's JSON error shape.
+"""
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from utils.generation import MAX_NEW_TOKENS, Completion, Generator
+
+API_KEY_ENV = "CODEUP_API_KEY"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_TOKENS = 512
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.kind, self.code, self.param)
+
+
+def error_response(status, message, kind, code=None, param=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+# ---- request bodies (unknown fields are allowed and ignored, as clients send many) -----------
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS[1])
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS[1])
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+    @field_validator("stop")
+    @classmethod
+    def at_most_four(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stops
+
+    def settings(self) -> dict:
+        return dict(temperature=self.temperature, top_p=self.top_p, stop=self.stop or [], seed=self.seed,
+                    max_new_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text ones are understood
+            if any(part.get("type") != "text" for part in self.content):
+                raise ApiError(400, "only text content parts are supported", "invalid_request_error", param="messages")
+            return "".join(str(part.get("text", "")) for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def one_prompt(cls, prompt):
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ValueError("exactly one prompt per request")
+            prompt = prompt[0]
+        return prompt
+
+
+# ---- the routes ------------------------------------------------------------------------------
+
+class OpenAIServer:
+    """Routes for one Generator served under one model name."""
+
+    def __init__(self, generator: Generator, model_name: str, api_key: str | None = None, max_queue: int = 64):
+        self.generator, self.model_name, self.api_key, self.max_queue = generator, model_name, api_key, max_queue
+        self.created = int(time.time())
+        self.admitted = 0  # API requests waiting or generating
+        self.admitted_lock = threading.Lock()
+
+    def router(self) -> APIRouter:
+        router = APIRouter()
+        router.add_api_route("/v1/models", self.wrap(self.models), methods=["GET"])
+        router.add_api_route("/v1/models/{model_id:path}", self.wrap(self.model), methods=["GET"])
+        router.add_api_route("/v1/chat/completions", self.wrap(self.chat_completions), methods=["POST"])
+        router.add_api_route("/v1/completions", self.wrap(self.completions), methods=["POST"])
+        # Anything else under /v1 is OpenAI's 404, not the page's.
+        router.add_api_route("/v1/{rest:path}", self.wrap(self.unknown_route),
+                             methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+        return router
+
+    def wrap(self, handler):
+        async def route(request: Request):
+            try:
+                self.check_key(request)
+                return await handler(request)
+            except ApiError as error:
+                return error.response()
+        route.__name__ = handler.__name__
+        return route
+
+    def check_key(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # Constant-time comparison: the answer's timing says nothing about the key.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer YOUR_KEY'.",
+                           "invalid_request_error", "invalid_api_key")
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "codeup"}
+
+    async def models(self, request: Request):
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request: Request):
+        if request.path_params["model_id"] != self.model_name:
+            raise self.unknown_model(request.path_params["model_id"])
+        return JSONResponse(self.model_card())
+
+    async def unknown_route(self, request: Request):
+        raise ApiError(404, f"Unknown route {request.method} {request.url.path}", "invalid_request_error", "unknown_url")
+
+    def unknown_model(self, name) -> ApiError:
+        return ApiError(404, f"The model {name!r} does not exist; this server serves {self.model_name!r}.",
+                        "invalid_request_error", "model_not_found", "model")
+
+    async def chat_completions(self, request: Request):
+        body = await self.parse(request, ChatRequest)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        if messages[-1]["role"] != "user":
+            raise ApiError(400, "the last message must be the user's", "invalid_request_error", param="messages")
+        prompt = self.generator.chat_prompt(messages)
+        return await self.respond(body, prompt, chat=True, add_special_tokens=None, strip=True)
+
+    async def completions(self, request: Request):
+        body = await self.parse(request, CompletionRequest)
+        return await self.respond(body, body.prompt, chat=False, add_special_tokens=True, strip=False)
+
+    async def parse(self, request: Request, schema):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise self.too_large()
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise self.too_large()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"The body is not valid JSON: {error}", "invalid_request_error") from error
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ApiError(400, f"{where}: {first['msg']}", "invalid_request_error", param=where or None) from error
+        if body.model != self.model_name:
+            raise self.unknown_model(body.model)
+        return body
+
+    def too_large(self) -> ApiError:
+        return ApiError(413, f"The body is larger than {MAX_BODY_BYTES} bytes.", "invalid_request_error", "request_too_large")
+
+    # ---- generation: one worker thread per request, the Generator's lock orders them ----------
+
+    def admit(self) -> None:
+        with self.admitted_lock:
+            if self.admitted >= self.max_queue + 1:  # one generating, max_queue waiting
+                raise ApiError(429, f"The server is busy: {self.max_queue} requests are waiting. Retry later.",
+                               "rate_limit_error", "queue_full")
+            self.admitted += 1
+
+    def release(self) -> None:
+        with self.admitted_lock:
+            self.admitted -= 1
+
+    def start(self, prompt: str, settings: dict):
+        """Runs the generation in a thread; returns (queue of deltas then a Completion or an
+        exception, the cancel event)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def work():
+            try:
+                for item in self.generator.stream_completion(prompt, cancel=cancel, **settings):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    if cancel.is_set():
+                        break
+                else:
+                    if cancel.is_set():  # cancelled while waiting for the lock: nothing generated
+                        loop.call_soon_threadsafe(queue.put_nowait, None)
+            except Exception as error:
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+            finally:
+                self.release()
+
+        self.admit()
+        threading.Thread(target=work, daemon=True, name="openai-api-request").start()
+        return queue, cancel
+
+    async def respond(self, body: Sampling, prompt: str, *, chat: bool, add_special_tokens, strip):
+        settings = dict(body.settings(), add_special_tokens=add_special_tokens, strip=strip)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        queue, cancel = self.start(prompt, settings)
+        if not body.stream:
+            try:
+                while not isinstance(item := await queue.get(), (Completion, Exception, type(None))):
+                    pass
+            finally:
+                cancel.set()  # a client that left stops the generation too
+            if isinstance(item, Exception):
+                raise ApiError(500, f"generation failed: {item}", "server_error") from item
+            text = (prompt + item.text) if getattr(body, "echo", False) else item.text
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": item.finish_reason}
+                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": item.finish_reason})
+            return JSONResponse({"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                                 "created": int(time.time()), "model": self.model_name, "choices": [choice],
+                                 "usage": usage(item)})
+        return StreamingResponse(self.events(queue, cancel, request_id, chat, body), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def events(self, queue, cancel, request_id, chat, body):
+        """Server-sent events: a first role delta (chat), the text deltas, the finish_reason, usage when
+        asked for (stream_options.include_usage), then [DONE]. Cancelled when the client leaves."""
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
+
+        def chunk(delta_text=None, finish_reason=None, role=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish_reason}
+            return sse({"id": request_id, "object": kind, "created": created, "model": self.model_name, "choices": [choice]})
+
+        try:
+            if chat:
+                yield chunk(role=True)
+            if getattr(body, "echo", False):
+                yield chunk(body.prompt)
+            while True:
+                item = await queue.get()
+                if isinstance(item, str):
+                    yield chunk(item)
+                    continue
+                if isinstance(item, Completion):
+                    yield chunk(finish_reason=item.finish_reason)
+                    if include_usage:
+                        yield sse({"id": request_id, "object": kind, "created": created, "model": self.model_name,
+                                   "choices": [], "usage": usage(item)})
+                elif isinstance(item, Exception):
+                    yield sse({"error": {"message": f"generation failed: {item}", "type": "server_error",
+                                         "param": None, "code": None}})
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            cancel.set()  # the client disconnected (or the stream ended): free the worker
+
+
+def usage(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def build_app(server: OpenAIServer, *, title="CodeUp"):
+    """A FastAPI app with the /v1 routes; generate.py mounts the Gradio page on it (same port)."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(server.router())
+    return app
