@@ -8,7 +8,7 @@
 | export                 | fp16 (the base checkpoints' own dtype, what llama.cpp and most tools expect) ||||
 
 Why: bf16 has fp32's range (no loss scaling) and runs at full speed only where the hardware has
-it; torch.cuda.is_bf16_supported() also answers True on cards that merely *emulate* bf16 (slowly,
+it; torch.cuda.is_bf16_supported also answers True on cards that merely *emulate* bf16 (slowly,
 and without the fast attention kernels), so native support is read from the compute capability.
 Generation on a CPU stays in fp32: decoding is memory-bound there and bf16 would change greedy
 answers against the fp32 reference for no speed. bitsandbytes' 8-bit matmul quantizes its inputs
