@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
-from datasets import load_dataset
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from utils.attention import PER_EXAMPLE_SDPA
@@ -347,6 +346,8 @@ def find_checkpoint(resume_from_checkpoint, *, output_dir: str) -> str | None:
 
 def load_records(data_path: str):
     """The records as a datasets.Dataset with string instruction, input and output columns."""
+    from datasets import load_dataset  # here: the GPU benchmark imports this module without datasets
+
     path = Path(str(data_path)).expanduser()
     try:
         if path.suffix in (".json", ".jsonl"):
@@ -417,10 +418,16 @@ def build_lora_model(*, base_model, tokenizer, load_in_8bit, load_in_4bit, dtype
     model = load_model(base_model, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, dtype=dtype,
                        attn_implementation=attn_implementation)
     fit_model_to_tokenizer(model, tokenizer)
+    return add_lora(model, quantized=load_in_8bit or load_in_4bit, lora_r=lora_r, lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout, target_modules=target_modules)
+
+
+def add_lora(model, *, quantized, lora_r, lora_alpha, lora_dropout, target_modules):
+    """The base model, frozen, with LoRA adapters on target_modules (a PeftModel)."""
     # No KV cache while training: it is useless there, and without it the attention masks of
     # packed rows follow the position ids (no example attends to another).
     model.config.use_cache = False
-    if load_in_8bit or load_in_4bit:
+    if quantized:
         # Freezes the base and keeps norms in fp32. Checkpointing is left to the Trainer, which
         # turns it on once, non-reentrant (PEFT's own would be reentrant, and then on twice).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

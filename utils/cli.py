@@ -2,13 +2,13 @@
 
 import sys
 
-import fire
-
 from utils.errors import CodeUpError
 
 
 def run_cli(component) -> None:
     """Run `component` (a function) as a fire CLI; a CodeUpError becomes `error: ...` and exit code 2."""
+    import fire  # here, so that importing a stage as a library (benchmarks, tests) needs no fire
+
     try:
         fire.Fire(component)
     except CodeUpError as error:
