@@ -15,10 +15,14 @@ OUTPUT_DIR=${OUTPUT_DIR:-./codeup-$NAME}
 PY=${PY:-.venv/bin/python}
 
 $PY data/preprocess.py --data_paths data/code_alpaca_20k.json,data/new_codealpaca.json --output_dir data/
+# The filtered file's name depends on the count kept (codeup_19k.json with the full data): read it.
+TRAIN_FILE="data/$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['output'])" data/report.json)"
 
+# An 8-bit base checkpoints activations by default: that is what fits 16 x 512 tokens in 24 GB
+# (about 15 GiB; README "Hardware"). Pass --gradient_checkpointing False on a card with 80 GB.
 $PY finetune.py \
   --base_model "$BASE_MODEL" \
-  --data_path data/codeup_19k.json \
+  --data_path "$TRAIN_FILE" \
   --output_dir "$OUTPUT_DIR" \
   --load_in_8bit \
   --lora_target_modules '[q_proj,k_proj,v_proj,o_proj]' \
