@@ -201,6 +201,8 @@ def release(trainer, base):
         model.unload()
     disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
     disable()
+    if hasattr(base, "_require_grads_hook"):  # a hook PEFT/TRL may leave on the embeddings
+        base.disable_input_require_grads()
     del trainer, model
     gc.collect()
     if torch.cuda.is_available():
