@@ -41,11 +41,12 @@ from transformers import AutoConfig, AutoTokenizer
 
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
+from utils.logs import logger
+from utils.precision import resolve_precision, torch_dtype
 from utils.model_loading import DEFAULT_BASE_MODEL, load_tokenizer, resolve_model_reference
 from utils.prompter import Prompter, chat_template, ollama_template, read_template_record, resolve_prompt_template
 
 CHECKPOINT_FOLDERS = {"hf": "hf_ckpt", "pytorch": "ckpt", "gguf": "gguf", "gguf-lora": "gguf-lora"}
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GGUF_SUFFIX = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 QUANTIZATIONS = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers
 
@@ -236,7 +237,7 @@ def parse_size(size: str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[match.group(2)])
 
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+SAFETENSORS_TYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                       torch.bool: "BOOL"}
 
@@ -252,7 +253,7 @@ class StreamingShard:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        self.header[name] = {"dtype": SAFETENSORS_TYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                              "data_offsets": [self.size, self.size + raw.nbytes]}
         self.data.write(memoryview(raw))
         self.size += raw.nbytes
@@ -507,7 +508,7 @@ def main(
         export_dir: where the export goes: {export_dir}/hf_ckpt, /ckpt, /gguf or /gguf-lora.
         checkpoint_type: hf (transformers), pytorch (Meta's Llama layout), gguf (llama.cpp, merged) or
             gguf-lora (llama.cpp: a GGUF of the base plus the adapter as a GGUF LoRA).
-        dtype: float16, bfloat16 or float32.
+        dtype: float16, bfloat16 or float32 (auto: float16; see the precision table in README).
         max_shard_size: the largest safetensors shard of an hf export, e.g. 500MB or 2GB.
         quantize: gguf only: also write quantized files, e.g. q4_k_m or q8_0,q4_k_m,q5_k_m (llama.cpp's
             quantizer, through llama-cpp-python).
@@ -518,8 +519,8 @@ def main(
     """
     if checkpoint_type not in CHECKPOINT_FOLDERS:
         raise CodeUpError(f"--checkpoint_type must be hf, pytorch, gguf or gguf-lora, not {checkpoint_type!r}")
-    if dtype not in DTYPES:
-        raise CodeUpError(f"--dtype must be float16, bfloat16 or float32, not {dtype!r}")
+    # utils/precision.py decides (auto = float16 for exports); any spelling of a precision works
+    dtype = str(torch_dtype(resolve_precision(dtype, stage="export", device="cpu"))).removeprefix("torch.")
     quantizations = parse_list(quantize) if quantize else []
     if quantizations and (checkpoint_type != "gguf" or set(quantizations) - set(QUANTIZATIONS)):
         raise CodeUpError(f"--quantize takes {', '.join(QUANTIZATIONS)} (comma-separated), with --checkpoint_type gguf")
@@ -538,7 +539,7 @@ def main(
         declared = set(parse_list(lora_target_modules))
         found = {name.split(".")[-2] for name in adapter.pairs}
         if declared != found:
-            print(f"note: --lora_target_modules {sorted(declared)} ignored; the adapter adapts {sorted(found)}")
+            logger.warning(f"--lora_target_modules {sorted(declared)} ignored; the adapter adapts {sorted(found)}")
     base = base_folder(base_model)
     files = weight_files(base)
     shapes = tensor_shapes(files)
@@ -559,15 +560,15 @@ def main(
     staging = Path(tempfile.mkdtemp(dir=export, prefix=f".{target.name}-"))
     try:
         if checkpoint_type == "hf":
-            tensors = merged_tensors(files, adapter, DTYPES[dtype], extra)
+            tensors = merged_tensors(files, adapter, getattr(torch, dtype), extra)
             write_hf(tensors, staging, base, config, dtype, max_shard_bytes, tokenizer)
         elif checkpoint_type == "pytorch":
-            write_pytorch(merged_tensors(files, adapter, DTYPES[dtype], extra), staging, config)
+            write_pytorch(merged_tensors(files, adapter, getattr(torch, dtype), extra), staging, config)
         elif checkpoint_type == "gguf":
             # Merged tensor by tensor into a plain HF folder, then llama.cpp's converter reads it lazily.
             merged = staging / ".merged-hf"
             merged.mkdir()
-            write_hf(merged_tensors(files, adapter, DTYPES[dtype], extra), merged, base, config, dtype, max_shard_bytes, tokenizer)
+            write_hf(merged_tensors(files, adapter, getattr(torch, dtype), extra), merged, base, config, dtype, max_shard_bytes, tokenizer)
             path = convert_to_gguf(merged, staging / f"ggml-model-{GGUF_SUFFIX[dtype]}.gguf", dtype)
             shutil.rmtree(merged)
             write_modelfile(path, template, tokenizer)
@@ -597,7 +598,7 @@ def write_gguf_lora(adapter: Adapter, base: Path, files, config, folder: Path, d
     no_adapter = Adapter.__new__(Adapter)
     no_adapter.pairs, no_adapter.biases, no_adapter.replacements, no_adapter.magnitudes, no_adapter.wrapped = {}, {}, {}, {}, set()
     no_adapter.config = {}
-    write_hf(merged_tensors(files, no_adapter, DTYPES[dtype]), plain_base, base, config, dtype, max_shard_bytes, tokenizer)
+    write_hf(merged_tensors(files, no_adapter, getattr(torch, dtype)), plain_base, base, config, dtype, max_shard_bytes, tokenizer)
     base_gguf = convert_to_gguf(plain_base, folder / f"base-{GGUF_SUFFIX[dtype]}.gguf", dtype)
     lora_gguf = folder / f"lora-{GGUF_SUFFIX[dtype]}.gguf"
     run_llama_cpp_script("convert_lora_to_gguf.py", adapter.folder, "--base", plain_base, "--outfile", lora_gguf,

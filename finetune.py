@@ -12,17 +12,19 @@ the trainer's state and loss.png in --output_dir.
 """
 
 import functools
+import importlib.util
 import os
-import sys
-import warnings
+import re
 from pathlib import Path
+
+from utils.logs import logger, progress_bars_wanted  # first: it silences known-harmless notices the libraries print on import
 
 import torch
 import torch.distributed as dist
 import transformers
-from datasets import load_dataset
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+from utils.attention import PER_EXAMPLE_SDPA
 from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
@@ -30,11 +32,12 @@ from utils.files import read_json, read_jsonl
 from utils.model_loading import (
     DEFAULT_BASE_MODEL,
     fit_model_to_tokenizer,
+    linear_module_names,
     load_model,
     load_tokenizer,
-    module_names,
     resolve_model_reference,
 )
+from utils.precision import enable_tf32, resolve_precision, torch_dtype
 from utils.prompter import Prompter, load_template, save_template_record
 from utils.tokenization import has_trainable_labels, tokenize_for_training
 
@@ -42,6 +45,7 @@ CHECKPOINT_COMPLETE = "checkpoint_complete"  # written last into each checkpoint
 
 
 def train(
+    *,
     # model and data
     base_model: str = DEFAULT_BASE_MODEL,
     data_path: str = "data/codeup_19k.json",
@@ -57,6 +61,8 @@ def train(
     cutoff_len: int = 512,
     val_set_size: int = 2000,
     seed: int = 42,
+    optim: str = "adamw_torch",
+    early_stopping_patience: int = 0,
     # LoRA
     lora_r: int = 8,
     lora_alpha: int = 16,
@@ -67,11 +73,12 @@ def train(
     add_eos_token: bool = True,
     group_by_length: bool = False,
     packing: bool = True,
-    # precision and memory
+    # precision, memory and speed
     load_in_8bit: bool | None = None,
     load_in_4bit: bool = False,
     precision: str = "auto",
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
+    attn_implementation: str = "auto",
     # checkpoints and logging
     save_steps: int = 200,
     eval_steps: int = 200,
@@ -83,6 +90,7 @@ def train(
     wandb_run_name: str = "",
     wandb_watch: str = "",
     wandb_log_model: str = "",
+    callbacks=(),
 ):
     """LoRA-tune BASE_MODEL on the instruction records in DATA_PATH and save the adapter.
 
@@ -104,10 +112,19 @@ def train(
         cutoff_len: the longest example in tokens; longer ones are truncated.
         val_set_size: examples held out for evaluation (0: none; clamped to a tenth of small data).
         seed: seeds the data split, the shuffling, LoRA's initialization and dropout.
+        optim: the optimizer, by its transformers name: adamw_torch, adamw_torch_fused,
+            adamw_8bit or paged_adamw_8bit (bitsandbytes: 8-bit optimizer states; paged ones
+            move to CPU memory when the GPU runs out), sgd, adafactor, ...
+        early_stopping_patience: stop when the eval loss has not improved for this many
+            evaluations, and save the best checkpoint's adapter (0: off; needs val_set_size > 0;
+            a checkpoint is then written at each evaluation).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling (the update is scaled by lora_alpha / lora_r).
         lora_dropout: dropout on the LoRA input.
-        lora_target_modules: module names to adapt: a list, '[q_proj,v_proj]' or 'q_proj,v_proj'.
+        lora_target_modules: the layers to adapt: names ('[q_proj,v_proj]', 'q_proj,v_proj', or
+            dotted suffixes such as self_attn.q_proj), all-linear (every linear layer but the
+            output head), or one regular expression matched against full module names
+            ('.*layers\.[0-9]\..*(q|v)_proj').
         train_on_inputs: also learn the prompt (False: the loss covers the response only).
         add_eos_token: end every example with EOS, so the model learns to stop.
         group_by_length: batch examples of similar length together (less padding, faster).
@@ -115,51 +132,77 @@ def train(
             row, with position ids restarting at each example so that none attends to another.
         load_in_8bit: 8-bit base (LLM.int8); default: on when CUDA is present.
         load_in_4bit: 4-bit NF4 base (QLoRA).
-        precision: auto (bf16 where supported, CPU included; fp16 on older GPUs), bf16, fp16 or fp32.
-        gradient_checkpointing: recompute activations in the backward pass: less memory, slower.
+        precision: auto (bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32;
+            README's precision table), bf16, fp16 or fp32.
+        gradient_checkpointing: recompute activations in the backward pass: much less memory,
+            about a third slower. Default: on for an 8-bit or 4-bit base (the paper's setup: what
+            lets 7B fit a 24 GB card), off otherwise.
+        attn_implementation: auto (packed rows: attention over each example alone, with
+            flash_attention_2 on a GPU when installed, else sdpa_per_example; padded batches:
+            sdpa), sdpa_per_example, sdpa, eager, flash_attention_2 or flex_attention.
         save_steps: steps between checkpoints.
         eval_steps: steps between evaluations (when val_set_size > 0).
         logging_steps: steps between loss logs.
         save_total_limit: checkpoints to keep (the oldest are deleted).
-        resume_from_checkpoint: a checkpoint folder, or True for the latest whole checkpoint in output_dir.
+        resume_from_checkpoint: a checkpoint folder, or True for the latest whole checkpoint in
+            output_dir. A folder named explicitly may be a plain transformers checkpoint
+            (no checkpoint_complete marker): it is used, with a warning.
         report_to: none, tensorboard or wandb.
         wandb_project: Weights & Biases project (setting it turns on report_to=wandb).
         wandb_run_name: run name shown in the logger.
         wandb_watch: wandb gradient logging: false, gradients or all.
         wandb_log_model: wandb model upload: false, end or checkpoint.
+        callbacks: extra transformers TrainerCallback objects (from Python, not the CLI).
     """
-    target_modules = parse_list(lora_target_modules)
+    cuda = use_this_process_gpu()  # before any other CUDA call: each process on its own GPU
+    target_modules = parse_target_modules(lora_target_modules)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    gradient_accumulation_steps = check_batch_sizes(batch_size, micro_batch_size, world_size)
+    gradient_accumulation_steps = check_batch_sizes(
+        batch_size=batch_size, micro_batch_size=micro_batch_size, world_size=world_size)
+    report_to = configure_reporting(report_to=report_to, wandb_project=wandb_project,
+                                    wandb_watch=wandb_watch, wandb_log_model=wandb_log_model)
+    checkpoint = find_checkpoint(resume_from_checkpoint, output_dir=output_dir)
+    check_optimizer(optim)
+    if early_stopping_patience and val_set_size <= 0:
+        raise CodeUpError("--early_stopping_patience needs a validation set: set --val_set_size above 0")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise CodeUpError(f"--precision must be auto, bf16, fp16 or fp32, not {precision!r}")
-    report_to = configure_reporting(report_to, wandb_project, wandb_watch, wandb_log_model)
-    checkpoint = find_checkpoint(resume_from_checkpoint, output_dir)
-
-    cuda = torch.cuda.is_available()
+    precision = resolve_precision(precision, stage="training", device="cuda" if cuda else "cpu")
     if load_in_8bit is None:
         load_in_8bit = cuda and not load_in_4bit
-    check_target_modules(target_modules, module_names(resolve_model_reference(base_model)))
+    if gradient_checkpointing is None:  # quantized bases: the paper's memory budget needs it
+        gradient_checkpointing = bool(load_in_8bit or load_in_4bit)
+    attn_implementation = choose_attention(attn_implementation, packing=packing, cuda=cuda)
+    check_target_modules(target_modules, linear_module_names(resolve_model_reference(base_model)))
     # every data error surfaces here, before the model loads; chat: Alpaca, messages and ShareGPT
     # records (mixed, comma-separated files) in the base tokenizer's chat template
     records = load_chat_records(data_path) if prompt_template_name == CHAT else load_records(data_path)
 
+    if cuda:
+        enable_tf32()
     transformers.set_seed(seed)
     tokenizer = load_tokenizer(base_model, padding_side="right")
     train_data, val_data = tokenize_records(
-        records, tokenizer, prompt_template_name, cutoff_len, train_on_inputs, add_eos_token, val_set_size, seed
+        records, tokenizer=tokenizer, template=prompt_template_name, cutoff_len=cutoff_len,
+        train_on_inputs=train_on_inputs, add_eos_token=add_eos_token, val_set_size=val_set_size, seed=seed,
     )
-    dtype, mixed_precision = resolve_precision(precision, cuda)
     model = build_lora_model(
-        base_model, tokenizer, load_in_8bit, load_in_4bit, dtype, gradient_checkpointing,
-        lora_r, lora_alpha, lora_dropout, target_modules,
+        base_model=base_model, tokenizer=tokenizer, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+        dtype=torch_dtype(precision), attn_implementation=attn_implementation,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
     )
-
+    args = build_training_arguments(
+        output_dir=output_dir, micro_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, num_epochs=num_epochs, max_steps=max_steps,
+        learning_rate=learning_rate, warmup_steps=warmup_steps, optim=optim, precision=precision,
+        gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length,
+        evaluate=val_data is not None, early_stopping=early_stopping_patience > 0, save_steps=save_steps,
+        eval_steps=eval_steps, logging_steps=logging_steps, save_total_limit=save_total_limit,
+        report_to=report_to, run_name=wandb_run_name, seed=seed, world_size=world_size, cuda=cuda,
+    )
     trainer = build_trainer(
-        model, tokenizer, train_data, val_data, output_dir, micro_batch_size, gradient_accumulation_steps,
-        num_epochs, max_steps, learning_rate, warmup_steps, mixed_precision, gradient_checkpointing,
-        group_by_length, packing, save_steps, eval_steps, logging_steps, save_total_limit, report_to,
-        wandb_run_name, seed, world_size,
+        model=model, args=args, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
+        packing=packing, early_stopping_patience=early_stopping_patience, callbacks=callbacks,
     )
     # The template travels with the adapter: generate.py, evaluate.py and export_checkpoint.py
     # prompt it (and exports carry it as their chat template) exactly as it was trained.
@@ -172,6 +215,7 @@ def train(
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # The adapter (adapter_model.safetensors + adapter_config.json) and tokenizer; process 0 only.
+    # With early stopping, the Trainer has loaded the best checkpoint back: that is what is saved.
     trainer.save_model(output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
@@ -180,9 +224,19 @@ def train(
     return trainer
 
 
+def use_this_process_gpu() -> bool:
+    """Whether CUDA is here; under torchrun, makes LOCAL_RANK's GPU this process's current device
+    first, so that no later query (precision, memory) opens a context on GPU 0 from every rank."""
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True
+
+
 # ---- checks that run before anything heavy ----------------------------------------------
 
-def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+def check_batch_sizes(*, batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """The gradient accumulation steps that make up batch_size."""
     if micro_batch_size < 1 or batch_size < micro_batch_size * world_size:
         raise CodeUpError(
             f"--batch_size ({batch_size}) must be at least --micro_batch_size ({micro_batch_size}) "
@@ -190,23 +244,77 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -
         )
     steps = batch_size // micro_batch_size // world_size
     if steps * micro_batch_size * world_size != batch_size:
-        warnings.warn(f"batch_size {batch_size} is not a multiple of micro_batch_size x processes: "
+        logger.warning(f"batch_size {batch_size} is not a multiple of micro_batch_size x processes: "
                       f"each step uses {steps * micro_batch_size * world_size} examples")
     return steps
 
 
-def check_target_modules(target_modules: list[str], available: set[str]) -> None:
+REGEX_CHARACTERS = set("*+?|()[]{}^$\\")
+
+
+def parse_target_modules(value) -> str | list[str]:
+    """`all-linear` or a regular expression (PEFT takes both as one string), else a list of names."""
+    if isinstance(value, str) and (value.strip() == "all-linear" or REGEX_CHARACTERS & set(value.strip().strip("[]"))):
+        return value.strip()
+    return parse_list(value)
+
+
+def check_target_modules(target_modules: str | list[str], available: set[str]) -> None:
+    """Refuse target modules that would adapt nothing. available: the full dotted names of the
+    model's linear layers. A name matches as PEFT matches it: the whole name or a dotted suffix."""
     if not target_modules:
         raise CodeUpError("--lora_target_modules names no module")
-    unknown = [name for name in target_modules if name not in available]
+    if target_modules == "all-linear":
+        return
+    short_names = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in available}))
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as error:
+            raise CodeUpError(f"--lora_target_modules {target_modules!r} is not a valid regular expression: {error}") from error
+        if not any(pattern.fullmatch(name) for name in available):
+            raise CodeUpError(f"--lora_target_modules: the pattern {target_modules!r} matches no linear layer "
+                              f"(full names such as {min(available)}); its linear layers are {short_names}")
+        return
+    unknown = [target for target in target_modules
+               if not any(name == target or name.endswith("." + target) for name in available)]
     if unknown:
         raise CodeUpError(
             f"--lora_target_modules: the model has no module named {', '.join(unknown)}; "
-            f"its linear layers are {', '.join(sorted(available))}"
+            f"its linear layers are {short_names}"
         )
 
 
-def configure_reporting(report_to: str, wandb_project: str, wandb_watch: str, wandb_log_model: str) -> str:
+def check_optimizer(optim: str) -> None:
+    names = [name.value for name in transformers.training_args.OptimizerNames]
+    if optim not in names:
+        raise CodeUpError(f"--optim {optim!r} is not a transformers optimizer; choose one of {', '.join(names)}")
+    if "8bit" in optim or "bnb" in optim or optim.startswith("paged_"):
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise CodeUpError(f"--optim {optim} needs bitsandbytes: pip install bitsandbytes")
+
+
+ATTENTION_CHOICES = ("auto", PER_EXAMPLE_SDPA, "sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+def choose_attention(name: str, *, packing: bool, cuda: bool) -> str:
+    """The attention kernel. Packed rows need attention that keeps examples apart without a dense
+    mask over the whole row: flash-attention 2 on a GPU (variable-length kernel) when installed,
+    else SDPA on each example alone (utils/attention.py)."""
+    if name not in ATTENTION_CHOICES:
+        raise CodeUpError(f"--attn_implementation must be one of {', '.join(ATTENTION_CHOICES)}, not {name!r}")
+    flash_installed = importlib.util.find_spec("flash_attn") is not None
+    if name == "flash_attention_2" and not (cuda and flash_installed):
+        raise CodeUpError("--attn_implementation flash_attention_2 needs a GPU and the flash-attn package "
+                          "(pip install flash-attn --no-build-isolation)")
+    if name != "auto":
+        return name
+    if not packing:
+        return "sdpa"
+    return "flash_attention_2" if cuda and flash_installed else PER_EXAMPLE_SDPA
+
+
+def configure_reporting(*, report_to: str, wandb_project: str, wandb_watch: str, wandb_log_model: str) -> str:
     if wandb_project:
         report_to = "wandb"
         os.environ["WANDB_PROJECT"] = wandb_project
@@ -223,9 +331,11 @@ def is_complete_checkpoint(folder: Path) -> bool:
     return (folder / CHECKPOINT_COMPLETE).is_file()
 
 
-def find_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:
+def find_checkpoint(resume_from_checkpoint, *, output_dir: str) -> str | None:
     """The checkpoint folder to resume from: the one named, or with True the latest whole one in
-    output_dir. A checkpoint whose writing was interrupted has no completion marker and is skipped."""
+    output_dir. A checkpoint whose writing was interrupted has no completion marker and is skipped.
+    A folder named explicitly may lack the marker if it is a plain transformers checkpoint (one
+    written by another Trainer script): it must hold trainer_state.json, and is used with a warning."""
     if resume_from_checkpoint in (None, False, "", "False", "false"):
         return None
     if resume_from_checkpoint in (True, "True", "true"):
@@ -234,18 +344,24 @@ def find_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:
         for folder in reversed(folders):
             if is_complete_checkpoint(folder):
                 return str(folder)
-            print(f"Skipping {folder}: its writing did not finish", file=sys.stderr)
+            logger.warning(f"skipping {folder}: its writing did not finish")
         raise CodeUpError(f"--resume_from_checkpoint: no whole checkpoint in {output_dir}")
     folder = Path(str(resume_from_checkpoint)).expanduser()
     if not folder.is_dir():
         raise CodeUpError(f"--resume_from_checkpoint: {folder} is not a folder")
     if not is_complete_checkpoint(folder):
-        raise CodeUpError(f"--resume_from_checkpoint: {folder} is not a whole checkpoint (its writing did not finish)")
+        if not (folder / "trainer_state.json").is_file():
+            raise CodeUpError(f"--resume_from_checkpoint: {folder} is not a whole checkpoint "
+                              "(no trainer_state.json: its writing did not finish)")
+        logger.warning(f"{folder} has no {CHECKPOINT_COMPLETE} marker (a plain transformers checkpoint, or one "
+                      "whose writing was interrupted): resuming from it as asked")
     return str(folder)
 
 
 def load_records(data_path: str):
     """The records as a datasets.Dataset with string instruction, input and output columns."""
+    from datasets import load_dataset  # here: the GPU benchmark imports this module without datasets
+
     path = Path(str(data_path)).expanduser()
     try:
         if path.suffix in (".json", ".jsonl"):
@@ -281,7 +397,7 @@ def load_records(data_path: str):
 
 # ---- data -------------------------------------------------------------------------------
 
-def tokenize_records(records, tokenizer, template, cutoff_len, train_on_inputs, add_eos_token, val_set_size, seed):
+def tokenize_records(records, *, tokenizer, template, cutoff_len, train_on_inputs, add_eos_token, val_set_size, seed):
     """Split off the validation set, then tokenize (prompt masked unless train_on_inputs)."""
     prompter = None if template == CHAT else Prompter(template)
 
@@ -294,7 +410,7 @@ def tokenize_records(records, tokenizer, template, cutoff_len, train_on_inputs, 
 
     if val_set_size > 0 and val_set_size >= len(records) // 2:
         clamped = max(1, len(records) // 10) if len(records) >= 2 else 0
-        warnings.warn(f"val_set_size {val_set_size} is too large for {len(records)} records; using {clamped}")
+        logger.warning(f"val_set_size {val_set_size} is too large for {len(records)} records; using {clamped}")
         val_set_size = clamped
     splits = records.train_test_split(test_size=val_set_size, shuffle=True, seed=seed) if val_set_size > 0 else None
     parts = [splits["train"], splits["test"]] if splits else [records, None]
@@ -306,7 +422,7 @@ def tokenize_records(records, tokenizer, template, cutoff_len, train_on_inputs, 
         part = part.map(tokenize, remove_columns=part.column_names, desc="Tokenizing")
         trainable = part.filter(has_trainable_labels, desc="Dropping examples with no label")
         if len(trainable) < len(part):
-            warnings.warn(f"{len(part) - len(trainable)} example(s) have a prompt longer than cutoff_len "
+            logger.warning(f"{len(part) - len(trainable)} example(s) have a prompt longer than cutoff_len "
                           f"({cutoff_len} tokens) and nothing left to learn; they are skipped")
         tokenized.append(trainable)
     if len(tokenized[0]) == 0:
@@ -316,31 +432,24 @@ def tokenize_records(records, tokenizer, template, cutoff_len, train_on_inputs, 
 
 # ---- model ------------------------------------------------------------------------------
 
-def resolve_precision(precision: str, cuda: bool):
-    """(dtype for the frozen base weights, mixed-precision mode for the Trainer)."""
-    if precision == "auto":
-        if cuda:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:  # bf16 on CPUs with native bf16 matmul (AVX512-BF16, AMX); fp32 elsewhere
-            precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise CodeUpError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    # fp16 training keeps the base in fp16 but the trainable LoRA weights in fp32 (PEFT's default).
-    return dtype, precision
-
-
-def build_lora_model(base_model, tokenizer, load_in_8bit, load_in_4bit, dtype, gradient_checkpointing,
-                     lora_r, lora_alpha, lora_dropout, target_modules):
-    model = load_model(base_model, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, dtype=dtype)
+def build_lora_model(*, base_model, tokenizer, load_in_8bit, load_in_4bit, dtype, lora_r, lora_alpha, lora_dropout,
+                     target_modules, attn_implementation=PER_EXAMPLE_SDPA):
+    model = load_model(base_model, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, dtype=dtype,
+                       attn_implementation=attn_implementation)
     fit_model_to_tokenizer(model, tokenizer)
+    return add_lora(model, quantized=load_in_8bit or load_in_4bit, lora_r=lora_r, lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout, target_modules=target_modules)
+
+
+def add_lora(model, *, quantized, lora_r, lora_alpha, lora_dropout, target_modules):
+    """The base model, frozen, with LoRA adapters on target_modules (a PeftModel)."""
     # No KV cache while training: it is useless there, and without it the attention masks of
     # packed rows follow the position ids (no example attends to another).
     model.config.use_cache = False
-    if load_in_8bit or load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.enable_input_require_grads()
+    if quantized:
+        # Freezes the base and keeps norms in fp32. Checkpointing is left to the Trainer, which
+        # turns it on once, non-reentrant (PEFT's own would be reentrant, and then on twice).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
         bias="none", task_type="CAUSAL_LM",
@@ -352,12 +461,22 @@ def build_lora_model(base_model, tokenizer, load_in_8bit, load_in_4bit, dtype, g
 
 # ---- training ---------------------------------------------------------------------------
 
-def build_trainer(model, tokenizer, train_data, val_data, output_dir, micro_batch_size, gradient_accumulation_steps,
-                  num_epochs, max_steps, learning_rate, warmup_steps, precision, gradient_checkpointing,
-                  group_by_length, packing, save_steps, eval_steps, logging_steps, save_total_limit, report_to,
-                  run_name, seed, world_size):
-    evaluate = val_data is not None
-    args = transformers.TrainingArguments(
+# transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns).
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in transformers.TrainingArguments.__dataclass_fields__
+                 else "gradient_checkpointing")
+
+
+def build_training_arguments(*, output_dir, micro_batch_size, gradient_accumulation_steps, num_epochs, max_steps,
+                             learning_rate, warmup_steps, optim, precision, gradient_checkpointing, group_by_length,
+                             evaluate, early_stopping, save_steps, eval_steps, logging_steps, save_total_limit,
+                             report_to, run_name, seed, world_size, cuda):
+    """Every Trainer setting of a finetune.py run, in one place."""
+    if early_stopping and save_steps != eval_steps:
+        # The best checkpoint can only be kept if one is written at each evaluation.
+        logger.warning(f"--early_stopping_patience: saving a checkpoint at each evaluation (every {eval_steps} "
+                      f"steps) instead of every {save_steps}")
+        save_steps = eval_steps
+    return transformers.TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=micro_batch_size,
@@ -367,12 +486,13 @@ def build_trainer(model, tokenizer, train_data, val_data, output_dir, micro_batc
         learning_rate=learning_rate,
         warmup_steps=warmup_steps,
         lr_scheduler_type="linear",
-        optim="adamw_torch",
+        optim=optim,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        use_cpu=not torch.cuda.is_available(),
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and keeps dropout's RNG.
+        **{CHECKPOINTING: gradient_checkpointing,
+           f"{CHECKPOINTING}_kwargs": {"use_reentrant": False} if gradient_checkpointing else None},
+        use_cpu=not cuda,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         logging_steps=logging_steps,
         logging_first_step=True,
@@ -381,18 +501,27 @@ def build_trainer(model, tokenizer, train_data, val_data, output_dir, micro_batc
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=save_total_limit,
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss" if early_stopping else None,
+        greater_is_better=False if early_stopping else None,
         report_to=report_to,
         run_name=run_name or None,
         seed=seed,
         data_seed=seed,
         ddp_find_unused_parameters=False if world_size > 1 else None,
         remove_unused_columns=False,
-        disable_tqdm=False,
+        disable_tqdm=not progress_bars_wanted(),  # a log file gets the loss lines, not \r fragments
     )
+
+
+def build_trainer(*, model, args, tokenizer, train_data, val_data, packing, early_stopping_patience=0, callbacks=()):
     if packing:
         collator = transformers.DataCollatorWithFlattening()
     else:
         collator = transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    own_callbacks = [MarkCompleteCheckpoints()]
+    if early_stopping_patience:
+        own_callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
     return transformers.Trainer(
         model=model,
         args=args,
@@ -400,7 +529,7 @@ def build_trainer(model, tokenizer, train_data, val_data, output_dir, micro_batc
         eval_dataset=val_data,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[MarkCompleteCheckpoints()],
+        callbacks=[*own_callbacks, *callbacks],
     )
 
 
@@ -453,9 +582,9 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
 
 
 @functools.wraps(train)
-def main(*args, **flags):
+def main(**flags):
     """The CLI: train, and return nothing (fire would print the trainer)."""
-    train(*args, **flags)
+    train(**flags)
 
 if __name__ == "__main__":
     run_cli(main)

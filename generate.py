@@ -14,13 +14,13 @@ at EOS or where the model starts a new template section, and returns only the re
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from utils.cli import run_cli
 from utils.errors import CodeUpError
+from utils.logs import logger
 from utils.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
@@ -206,7 +206,7 @@ def main(
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, max_new_tokens=max_new_tokens)
     scripted = bool(str(instruction).strip()) or bool(prompts_file)
     if not scripted and server_name not in LOOPBACK:
-        warnings.warn(f"the page listens on {server_name}: other machines on your network can use it")
+        logger.warning(f"the page listens on {server_name}: other machines on your network can use it")
     generator = Generator(base_model, lora_weights or None, load_8bit, prompt_template)
     if prompts_file:
         return answer_file(generator, prompts_file, output_file, batch_size, settings)
@@ -216,7 +216,7 @@ def main(
     if max_queue < 1:
         raise CodeUpError("--max_queue must be at least 1")
     if share_gradio:
-        warnings.warn("--share_gradio: a public link to this page will exist for 72 hours (the page only: "
+        logger.warning("--share_gradio: a public link to this page will exist for 72 hours (the page only: "
                       "the /v1 API is served without --share_gradio)")
         build_demo(generator, base_model=base_model, lora_weights=lora_weights).queue(max_size=max_queue).launch(server_name=server_name, server_port=server_port, share=True)
         return None

@@ -100,7 +100,7 @@ def test_pytorch_export_converts_back_to_the_merged_weights(tiny_llama_dir, tmp_
 
 @pytest.mark.parametrize("arguments, message", [
     (["--checkpoint_type", "onnx"], "--checkpoint_type must be hf, pytorch, gguf or gguf-lora"),
-    (["--dtype", "int4"], "--dtype must be float16, bfloat16 or float32"),
+    (["--dtype", "int4"], "unknown dtype 'int4'"),
     (["--quantize", "q8_0"], "--quantize takes q8_0, q4_k_m, q5_k_m (comma-separated), with --checkpoint_type gguf"),
 ])
 def test_bad_arguments_fail_in_one_line(tiny_llama_dir, tmp_path, arguments, message):

@@ -50,6 +50,18 @@ def run_finetune(*args, env=None, module=None):
                           env={**os.environ, **(env or {})})
 
 
+def tokenize(records, tokenizer, *, train_on_inputs=False, val_set_size=0):
+    return finetune.tokenize_records(records, tokenizer=tokenizer, template="alpaca", cutoff_len=256,
+                                     train_on_inputs=train_on_inputs, add_eos_token=True,
+                                     val_set_size=val_set_size, seed=1)
+
+
+def lora_model(tiny_llama_dir, tokenizer, **overrides):
+    options = dict(base_model=str(tiny_llama_dir), tokenizer=tokenizer, load_in_8bit=False, load_in_4bit=False,
+                   dtype=torch.float32, lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return finetune.build_lora_model(**{**options, **overrides})
+
+
 def adapter_weights(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
@@ -95,7 +107,7 @@ def test_training_examples_have_eos_masked_prompts_and_pad_not_eos(tiny_llama_di
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     records = finetune.load_records(str(data_file))
-    train, val = finetune.tokenize_records(records, tokenizer, "alpaca", 256, train_on_inputs, True, 4, seed=1)
+    train, val = tokenize(records, tokenizer, train_on_inputs=train_on_inputs, val_set_size=4)
     assert len(train) == len(RECORDS) - 4 and len(val) == 4
     for example in train:
         assert example["input_ids"][-1] == tokenizer.eos_token_id == example["labels"][-1]
@@ -106,11 +118,10 @@ def test_training_examples_have_eos_masked_prompts_and_pad_not_eos(tiny_llama_di
             assert IGNORE_INDEX not in example["labels"][masked:]
 
 
-def test_val_set_size_is_clamped_on_small_data(tiny_llama_dir, data_file):
+def test_val_set_size_is_clamped_on_small_data(tiny_llama_dir, data_file, capsys):
     tokenizer = load_tokenizer(str(tiny_llama_dir))
-    with pytest.warns(UserWarning, match="val_set_size 2000 is too large for 32 records; using 3"):
-        train, val = finetune.tokenize_records(finetune.load_records(str(data_file)), tokenizer, "alpaca",
-                                               256, False, True, 2000, seed=1)
+    train, val = tokenize(finetune.load_records(str(data_file)), tokenizer, val_set_size=2000)
+    assert "warning: val_set_size 2000 is too large for 32 records; using 3" in capsys.readouterr().err
     assert (len(train), len(val)) == (29, 3)
 
 
@@ -154,7 +165,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_llama_dir, data_file, tmp_path
     shutil.copytree(straight / "checkpoint-6", resumed / "checkpoint-6")
     (resumed / "checkpoint-6" / finetune.CHECKPOINT_COMPLETE).unlink()
     (resumed / "checkpoint-6" / "optimizer.pt").unlink()
-    assert finetune.find_checkpoint(True, str(resumed)) == str(resumed / "checkpoint-3")
+    assert finetune.find_checkpoint(True, output_dir=str(resumed)) == str(resumed / "checkpoint-3")
 
     finetune.train(**tiny_flags(tiny_llama_dir, data_file, resumed, max_steps=8, save_steps=3, resume_from_checkpoint=True))
     expected, actual = adapter_weights(straight), adapter_weights(resumed)
@@ -169,17 +180,17 @@ def test_resume_matches_an_uninterrupted_run(tiny_llama_dir, data_file, tmp_path
 def test_explicit_incomplete_checkpoint_is_refused(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()
     with pytest.raises(CodeUpError, match="not a whole checkpoint"):
-        finetune.find_checkpoint(str(tmp_path / "checkpoint-5"), str(tmp_path))
+        finetune.find_checkpoint(str(tmp_path / "checkpoint-5"), output_dir=str(tmp_path))
 
 
 def test_packed_rows_give_the_same_loss_as_padded_batches(tiny_llama_dir, data_file):
     import transformers
 
     tokenizer = load_tokenizer(str(tiny_llama_dir))
-    train, _ = finetune.tokenize_records(finetune.load_records(str(data_file)), tokenizer, "alpaca", 256, False, True, 0, 1)
+    train, _ = tokenize(finetune.load_records(str(data_file)), tokenizer)
     by_length = sorted(train, key=lambda f: len(f["input_ids"]))
     features = by_length[:2] + by_length[-2:]  # different lengths, as in real data
-    model = finetune.build_lora_model(str(tiny_llama_dir), tokenizer, False, False, torch.float32, False, 4, 8, 0.0, ["q_proj", "v_proj"])
+    model = lora_model(tiny_llama_dir, tokenizer)
     padded = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")(features)
     packed = transformers.DataCollatorWithFlattening()(features)
     assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features)
@@ -226,3 +237,201 @@ def test_smollm2_loss_falls_on_real_records(smollm2_dir, tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 12
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+
+
+# ---- attention over each example only -----------------------------------------------------
+
+def test_no_token_attends_across_examples(tiny_llama_dir, data_file, monkeypatch):
+    """The logits of each example inside a packed row equal its logits alone, and no attention
+    call spans more than one example (no cross-example compute, no mask over the row)."""
+    import transformers
+
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    train, _ = tokenize(finetune.load_records(str(data_file)), tokenizer)
+    features = [train[0], train[5], train[-1]]
+    model = lora_model(tiny_llama_dir, tokenizer).eval()
+    assert model.config._attn_implementation == finetune.PER_EXAMPLE_SDPA
+    lengths = [len(f["input_ids"]) for f in features]
+    packed = transformers.DataCollatorWithFlattening()(features)
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None, **kw: seen.append((q.shape[2], attn_mask)) or sdpa(q, k, v, attn_mask, **kw))
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        assert {length for length, _ in seen} == set(lengths) and all(mask is None for _, mask in seen)
+        start = 0
+        for feature, length in zip(features, lengths):
+            alone = model(input_ids=torch.tensor([feature["input_ids"]])).logits[0]
+            assert torch.allclose(together[start:start + length], alone, atol=1e-5)
+            start += length
+
+
+def test_padded_batches_still_use_their_mask(tiny_llama_dir, data_file):
+    """sdpa_per_example hands batches with padding to transformers' masked SDPA: same loss as sdpa."""
+    import transformers
+
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    train, _ = tokenize(finetune.load_records(str(data_file)), tokenizer)
+    padded = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")([train[0], train[-1]])
+    ours = lora_model(tiny_llama_dir, tokenizer)
+    theirs = lora_model(tiny_llama_dir, tokenizer, attn_implementation="sdpa")
+    with torch.no_grad():
+        assert torch.allclose(ours(**padded).loss, theirs(**padded).loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, packing, cuda, flash, expected", [
+    ("auto", True, False, False, "sdpa_per_example"),
+    ("auto", True, True, False, "sdpa_per_example"),
+    ("auto", True, True, True, "flash_attention_2"),
+    ("auto", False, True, True, "sdpa"),
+    ("eager", True, False, False, "eager"),
+])
+def test_attention_choice(monkeypatch, name, packing, cuda, flash, expected):
+    real_find_spec = finetune.importlib.util.find_spec
+    monkeypatch.setattr(finetune.importlib.util, "find_spec",
+                        lambda module: (object() if flash else None) if module == "flash_attn" else real_find_spec(module))
+    assert finetune.choose_attention(name, packing=packing, cuda=cuda) == expected
+
+
+def test_unavailable_attention_is_refused():
+    with pytest.raises(CodeUpError, match="flash_attention_2 needs a GPU"):
+        finetune.choose_attention("flash_attention_2", packing=True, cuda=False)
+    with pytest.raises(CodeUpError, match="--attn_implementation must be one of"):
+        finetune.choose_attention("fast", packing=True, cuda=False)
+
+
+# ---- quantized bases: activation checkpointing on by default ------------------------------
+
+def test_8bit_base_checkpoints_activations_by_default_with_the_same_loss(tiny_llama_dir, data_file, tmp_path):
+    flags = dict(load_in_8bit=True, max_steps=3, lora_dropout=0.1)
+    default = finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "default", **flags))
+    plain = finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "plain", gradient_checkpointing=False, **flags))
+    saved = lambda folder: getattr(torch.load(folder / "training_args.bin", weights_only=False), finetune.CHECKPOINTING)
+    assert saved(tmp_path / "default") is True and saved(tmp_path / "plain") is False
+    # Enabled once, by the Trainer, non-reentrant (not PEFT's reentrant checkpointing on top).
+    layer = default.model.base_model.model.model.layers[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords["use_reentrant"] is False
+    assert not plain.model.base_model.model.model.layers[0].gradient_checkpointing
+    losses = lambda trainer: [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses(default)) == 3
+    assert losses(default) == pytest.approx(losses(plain), abs=1e-4)
+
+
+def test_full_precision_base_does_not_checkpoint_by_default(tiny_llama_dir, data_file, tmp_path):
+    finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "fp32", max_steps=1))
+    args = torch.load(tmp_path / "fp32" / "training_args.bin", weights_only=False)
+    assert getattr(args, finetune.CHECKPOINTING) is False
+
+
+# ---- knobs ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optim, expected", [("sgd", ("torch.optim.sgd.SGD", None, None)),
+                                             ("paged_adamw_8bit", ("bitsandbytes.optim.adamw.AdamW", 8, True))])
+def test_the_optimizer_is_the_one_named(tiny_llama_dir, data_file, tmp_path, optim, expected):
+    trainer = finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / optim, max_steps=1, optim=optim))
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    bits = getattr(getattr(optimizer, "args", None), "optim_bits", None)  # bitsandbytes' state precision
+    assert (f"{type(optimizer).__module__}.{type(optimizer).__name__}", bits, getattr(optimizer, "is_paged", None)) == expected
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(CodeUpError, match="--optim 'adamw' is not a transformers optimizer"):
+        finetune.check_optimizer("adamw")
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_head(tiny_llama_dir):
+    from peft.tuners.lora import LoraLayer
+
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    target = finetune.parse_target_modules("all-linear")
+    finetune.check_target_modules(target, finetune.linear_module_names(str(tiny_llama_dir)))
+    model = lora_model(tiny_llama_dir, tokenizer, target_modules=target)
+    adapted = {name.removeprefix("base_model.model.") for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    linear = finetune.linear_module_names(str(tiny_llama_dir))
+    assert adapted == linear - {"lm_head"} and len(adapted) == 2 * 7
+
+
+@pytest.mark.parametrize("value, adapted", [
+    ("self_attn.q_proj,mlp.up_proj", {"q_proj", "up_proj"}),  # dotted suffixes
+    (r".*layers\.1\.self_attn\.(k|o)_proj", {"k_proj", "o_proj"}),  # one regex over full names
+])
+def test_dotted_and_regex_target_modules(tiny_llama_dir, value, adapted):
+    from peft.tuners.lora import LoraLayer
+
+    target = finetune.parse_target_modules(value)
+    finetune.check_target_modules(target, finetune.linear_module_names(str(tiny_llama_dir)))
+    model = lora_model(tiny_llama_dir, load_tokenizer(str(tiny_llama_dir)), target_modules=target)
+    names = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    assert names and {name.rsplit(".", 1)[-1] for name in names} == adapted
+
+
+def test_regex_that_matches_nothing_is_refused(tiny_llama_dir):
+    with pytest.raises(CodeUpError, match="matches no linear layer"):
+        finetune.check_target_modules(r".*\.qq_proj", finetune.linear_module_names(str(tiny_llama_dir)))
+
+
+def test_early_stopping_stops_and_keeps_the_best(tiny_llama_dir, data_file, tmp_path):
+    evaluations = []
+
+    class Recorder(finetune.transformers.TrainerCallback):  # also proves train(callbacks=...)
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            evaluations.append((state.global_step, metrics["eval_loss"]))
+
+    # A learning rate far too high: the eval loss gets worse after the first steps.
+    trainer = finetune.train(**tiny_flags(
+        tiny_llama_dir, data_file, tmp_path / "early", max_steps=20, learning_rate=3.0, val_set_size=4,
+        eval_steps=1, save_steps=1, save_total_limit=2, early_stopping_patience=2, callbacks=[Recorder()]))
+    best_step, best_loss = min(evaluations, key=lambda e: e[1])
+    assert trainer.state.global_step < 20 and trainer.state.global_step == evaluations[-1][0]
+    assert [loss for _, loss in evaluations[-2:]] >= [best_loss, best_loss]  # two without improvement
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    saved, best = adapter_weights(tmp_path / "early"), adapter_weights(tmp_path / "early" / f"checkpoint-{best_step}")
+    assert all(torch.equal(saved[name], best[name]) for name in best)
+
+
+def test_early_stopping_needs_a_validation_set(tiny_llama_dir, data_file, tmp_path):
+    with pytest.raises(CodeUpError, match="--early_stopping_patience needs a validation set"):
+        finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "x", early_stopping_patience=2))
+
+
+# ---- plumbing -------------------------------------------------------------------------------
+
+def training_arguments(tmp_path, **overrides):
+    options = dict(output_dir=str(tmp_path), micro_batch_size=4, gradient_accumulation_steps=2, num_epochs=1,
+                   max_steps=10, learning_rate=1e-3, warmup_steps=0, optim="adamw_torch", precision="fp32",
+                   gradient_checkpointing=False, group_by_length=False, evaluate=True, early_stopping=False,
+                   save_steps=200, eval_steps=200, logging_steps=1, save_total_limit=1, report_to="none",
+                   run_name="", seed=1, world_size=1, cuda=False)
+    return finetune.build_training_arguments(**{**options, **overrides})
+
+
+def test_helpers_take_keywords_so_swapped_arguments_still_mean_what_they_say(tmp_path):
+    args = training_arguments(tmp_path, eval_steps=5, save_steps=7)  # in the "wrong" order
+    assert (args.save_steps, args.eval_steps) == (7, 5)
+    with pytest.raises(TypeError):
+        finetune.check_batch_sizes(16, 4, 1)
+    with pytest.raises(TypeError):
+        finetune.train("smollm2-135m")
+
+
+def test_explicit_plain_transformers_checkpoint_is_accepted_with_a_warning(tmp_path, capsys):
+    plain = tmp_path / "checkpoint-7"
+    plain.mkdir()
+    (plain / "trainer_state.json").write_text("{}")
+    assert finetune.find_checkpoint(str(plain), output_dir=str(tmp_path)) == str(plain)
+    assert "no checkpoint_complete marker" in capsys.readouterr().err
+    with pytest.raises(CodeUpError, match="no whole checkpoint"):  # True still takes whole ones only
+        finetune.find_checkpoint(True, output_dir=str(tmp_path))
+
+
+def test_each_process_takes_its_own_gpu_before_any_other_cuda_call(tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: calls.append(("capability", index)) or (8, 6))
+    with pytest.raises(CodeUpError, match="data file not found"):
+        finetune.train(**tiny_flags(tiny_llama_dir, tmp_path / "missing.json", tmp_path / "out", precision="auto"))
+    assert calls[0] == ("set_device", 1) and ("capability", None) in calls

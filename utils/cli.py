@@ -4,8 +4,6 @@ import os
 import sys
 import traceback
 
-import fire
-
 from utils.errors import CodeUpError
 
 
@@ -13,6 +11,8 @@ def run_cli(component, argv: list[str] | None = None) -> None:
     """Run `component` (a function) as a fire CLI on sys.argv (or `argv`); a CodeUpError becomes
     `error: ...` and exit code 2. With CODEUP_DEBUG=1 the traceback behind the error (and its
     cause) is printed first."""
+    import fire  # here, so that importing a stage as a library (benchmarks, tests) needs no fire
+
     try:
         fire.Fire(component, command=argv)
     except CodeUpError as error:

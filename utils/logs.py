@@ -8,6 +8,7 @@
 import logging
 import os
 import sys
+import warnings
 
 
 class _Format(logging.Formatter):
@@ -45,3 +46,33 @@ class _StderrHandler(logging.StreamHandler):
 
 
 logger = _build_logger()
+
+
+# Notices from libraries that a user cannot act on, silenced at their source (only these: every
+# other warning still shows). Import this module before torch/transformers/peft for the first one,
+# which bitsandbytes logs while it is imported.
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# An optional faster 4-bit CPU kernel (the `kernels` package) is missing: nothing is wrong.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("from kernels-community"))
+# transformers 5 deprecates a name that PEFT and the Trainer themselves still call.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def progress_bars_wanted() -> bool:
+    """Progress bars redraw themselves with carriage returns and cursor moves: on a terminal that is
+    what you want, in a log file it leaves fragments (`\r`, `[A`). CODEUP_PROGRESS=1/0 decides."""
+    setting = os.environ.get("CODEUP_PROGRESS", "")
+    return setting != "0" if setting else sys.stderr.isatty()
+
+
+if not progress_bars_wanted():  # every library's bars, before they are made
+    for variable in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(variable, "1")

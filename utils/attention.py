@@ -1,0 +1,70 @@
+"""Attention over each example of a packed row, and nothing across examples.
+
+A packed row (finetune.py's padding-free batches) concatenates the examples of a micro-batch, with
+position ids restarting at 0 at each example. transformers' `sdpa` runs attention over the whole
+row with a dense block-diagonal mask: the masked cross-example blocks are computed anyway (4
+examples of equal length: 4x the attention work of the examples alone), and on a GPU the mask of
+a 16 x 512-token row is an 8192 x 8192 tensor. `sdpa_per_example` (registered here under that
+name for `attn_implementation`) splits the row at the restarts and runs causal SDPA on each
+example alone: the same result, no cross-example compute, no mask. Batches that carry a padding
+mask, and generation with a KV cache, go to transformers' own `sdpa` unchanged.
+"""
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+
+PER_EXAMPLE_SDPA = "sdpa_per_example"
+
+
+def example_spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each example in a packed row of position ids (a restart at 0 opens one)."""
+    starts = (position_ids == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    return list(zip(starts, [*starts[1:], position_ids.numel()]))
+
+
+def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """query: (batch, heads, length, head_dim), key/value: (batch, kv_heads, length, head_dim).
+    Returns (batch, length, heads, head_dim) and no weights, as transformers' attention functions do."""
+    position_ids = kwargs.get("position_ids")
+    packed = (
+        attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2] > 1
+        and bool((position_ids[:, 1:] == 0).any())
+    )
+    if not packed:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    dropout = dropout if module.training else 0.0
+
+    def attend(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+
+    rows = []
+    for row, positions in enumerate(position_ids.expand(query.shape[0], -1)):
+        spans = example_spans(positions)
+        q, k, v = query[row], key[row], value[row]  # (heads, length, head_dim)
+        length = spans[0][1]
+        if all(end - start == length for start, end in spans):
+            # Examples of one length (a GPU benchmark, fixed-length data): one batched call.
+            split = lambda t: t.unflatten(1, (len(spans), length)).transpose(0, 1)
+            rows.append(attend(split(q), split(k), split(v)).transpose(0, 1).flatten(1, 2))
+        else:
+            rows.append(torch.cat([attend(q[None, :, a:b], k[None, :, a:b], v[None, :, a:b])[0] for a, b in spans], dim=1))
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def per_example_mask(*args, attention_mask=None, **kwargs):
+    """No mask when there is no padding (causality and example boundaries are applied in the
+    attention itself, from the position ids); transformers' SDPA mask when there is."""
+    if attention_mask is None or flash_attention_mask(*args, attention_mask=attention_mask, **kwargs) is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(PER_EXAMPLE_SDPA, per_example_sdpa)
+AttentionMaskInterface.register(PER_EXAMPLE_SDPA, per_example_mask)
