@@ -41,6 +41,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
+from utils.files import read_json
 from utils.logs import logger
 from utils.precision import resolve_precision, torch_dtype
 from utils.model_loading import DEFAULT_BASE_MODEL, load_tokenizer, resolve_model_reference
@@ -89,7 +90,7 @@ class Adapter:
         config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
         if not config_file.is_file() or not weights_file.is_file():
             raise CodeUpError(f"--lora_weights {folder}: expected adapter_config.json and adapter_model.safetensors")
-        self.folder, self.config = folder, json.loads(config_file.read_text())
+        self.folder, self.config = folder, read_json(config_file, what="adapter config")
         config = self.config
         if config.get("peft_type", "LORA") != "LORA":
             raise CodeUpError(f"{folder}: a {config.get('peft_type')} adapter; only LoRA adapters (and DoRA) can be merged")

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from utils.errors import CodeUpError
+from utils.files import read_json, read_text
 from utils.logs import logger
-from utils.prompter import TEMPLATE_RECORD, has_input, load_template, resolve_prompt_template
+from utils.prompter import has_input, load_template, read_template_record, resolve_prompt_template
 from utils.tokenization import IGNORE_INDEX
 
 CHAT = "chat"
@@ -33,15 +34,8 @@ class BadRecord(ValueError):
 
 def recorded_template_name(lora_weights) -> str | None:
     """The template name an adapter's prompt_template.json records (None: no record)."""
-    if not lora_weights:
-        return None
-    path = Path(lora_weights).expanduser() / TEMPLATE_RECORD
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("name")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-        raise CodeUpError(f"{path}: not a prompt-template record written by finetune.py ({error})") from error
+    record = read_template_record(lora_weights)
+    return record["name"] if record else None
 
 
 def resolve_prompt_format(prompt_template: str | None, lora_weights=None):
@@ -161,12 +155,9 @@ def read_conversations(paths: list[Path]) -> tuple[list[list[dict]], list[str]]:
 
 def _records_with_lines(path: Path):
     """(where, record) pairs of a JSON list or JSON Lines file; a line that is not JSON is a bad record."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, what="--data_path")
     if text.lstrip().startswith("["):  # a JSON list: records are numbered, not lined
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise CodeUpError(f"{path}: not valid JSON ({error})") from error
+        records = read_json(path, what="--data_path")
         yield from ((f"record {number}", record) for number, record in enumerate(records, start=1))
         return
     for number, line in enumerate(text.splitlines(), start=1):

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from utils.errors import CodeUpError
+from utils.files import read_json
 from utils.logs import logger
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -34,11 +35,7 @@ def load_template(name_or_path: str | dict = DEFAULT_TEMPLATE) -> dict:
             f"unknown prompt template {name_or_path!r}: not a file, and not one of "
             f"{', '.join(available_templates())}"
         )
-    try:
-        template = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CodeUpError(f"prompt template {path} is not valid JSON: {error}") from error
-    return check_template(template, source=str(path))
+    return check_template(read_json(path, what="prompt template"), source=str(path))
 
 
 def check_template(template: dict, *, source: str) -> dict:
@@ -76,13 +73,13 @@ def read_template_record(lora_weights) -> dict | None:
     path = Path(lora_weights).expanduser() / TEMPLATE_RECORD
     if not path.is_file():
         return None
+    record = read_json(path, what="prompt-template record")
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
         name = record["name"]
         if name == CHAT_RECORD_NAME and record["template"] is None:
             return {"name": name, "template": None}
         template = check_template(record["template"], source=str(path))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+    except (KeyError, TypeError) as error:
         raise CodeUpError(f"{path}: not a prompt-template record written by finetune.py ({error})") from error
     return {"name": name, "template": template}
 
