@@ -129,10 +129,9 @@ def read_prompts(path: Path) -> list[tuple[str, str]]:
     return records
 
 
-def answer_file(generator, prompts_file, output_file, batch_size, settings):
+def answer_file(generator, records, output_file, batch_size, settings):
     from tqdm.auto import tqdm
 
-    records = read_prompts(Path(prompts_file))
     output = Path(output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", encoding="utf-8") as lines, tqdm(total=len(records), desc="Generating", unit="prompt") as bar:
@@ -204,17 +203,19 @@ def main(
     if seed is not None:
         torch.manual_seed(seed)
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    if max_queue < 1:
+        raise CodeUpError("--max_queue must be at least 1")
+    # A bad prompts file is reported before the model loads (minutes for a large one).
+    records = read_prompts(Path(prompts_file)) if prompts_file else None
     scripted = bool(str(instruction).strip()) or bool(prompts_file)
     if not scripted and server_name not in LOOPBACK:
         logger.warning(f"the page listens on {server_name}: other machines on your network can use it")
     generator = Generator(base_model, lora_weights or None, load_8bit, prompt_template)
     if prompts_file:
-        return answer_file(generator, prompts_file, output_file, batch_size, settings)
+        return answer_file(generator, records, output_file, batch_size, settings)
     if str(instruction).strip():
         print(generator.answer(str(instruction), str(input), **settings))
         return None
-    if max_queue < 1:
-        raise CodeUpError("--max_queue must be at least 1")
     if share_gradio:
         logger.warning("--share_gradio: a public link to this page will exist for 72 hours (the page only: "
                       "the /v1 API is served without --share_gradio)")

@@ -135,3 +135,32 @@ def test_debug_prints_the_traceback_behind_the_error(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "Traceback" in err and "UnicodeDecodeError" in err  # the cause is kept
     assert err.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_prompts_file_before_the_model_loads(tmp_path, capsys, kind, monkeypatch):
+    import generate
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the prompts file was read")
+
+    monkeypatch.setattr(generate, "Generator", no_model)
+    path = bad_file(kind, tmp_path, ".jsonl")
+    out = tmp_path / "answers.jsonl"
+    err = run_stage(generate.main, ["--prompts_file", str(path), "--output_file", str(out)], capsys)
+    assert str(path) in err and not out.exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_adapter_config(tiny_llama_dir, tmp_path, capsys, kind):
+    import export_checkpoint
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    bad = bad_file(kind, tmp_path, ".json")
+    bad.rename(adapter / "adapter_config.json")
+    out = tmp_path / "export"
+    err = run_stage(export_checkpoint.main, ["--base_model", str(tiny_llama_dir), "--lora_weights", str(adapter),
+                                             "--export_dir", str(out)], capsys)
+    assert "adapter_config.json" in err and not out.exists()
