@@ -41,6 +41,7 @@ def results(output_dir, task="humaneval"):
     return json.loads((output_dir / f"{task}_results.json").read_text()), samples
 
 
+@pytest.mark.slow
 def test_canonical_humaneval_solutions_all_pass(tmp_path):
     problems = load_humaneval()
     samples = write_samples(tmp_path / "canonical.jsonl", [(p["task_id"], p["canonical_solution"]) for p in problems])
@@ -53,6 +54,7 @@ def test_canonical_humaneval_solutions_all_pass(tmp_path):
     assert all(row["passed"] and row["result"] == "passed" for row in rows)
 
 
+@pytest.mark.slow
 def test_empty_completions_score_zero(tmp_path):
     samples = write_samples(tmp_path / "empty.jsonl", [(p["task_id"], "") for p in load_humaneval()])
     result = run_evaluate("--samples_file", samples, "--output_dir", tmp_path / "out")
@@ -95,6 +97,7 @@ def test_a_whole_function_or_a_body_both_complete_the_prompt():
 
 
 @pytest.mark.skipif(not MBPP.is_file(), reason="../shared/data is not here")
+@pytest.mark.slow
 def test_mbpp_reference_code_passes_on_the_test_split(tmp_path):
     tasks = [json.loads(line) for line in MBPP.read_text().splitlines()]
     samples = write_samples(tmp_path / "reference.jsonl", [(f"MBPP/{t['task_id']}", t["code"]) for t in tasks])
@@ -113,6 +116,7 @@ def test_mbpp_prompts_state_the_function_name():
     assert problems[0]["tests"][0] in problems[0]["instruction"]
 
 
+@pytest.mark.slow
 def test_bad_arguments_fail_in_one_line(tmp_path):
     result = run_evaluate("--task", "apps")
     assert result.returncode == 2 and "--task must be humaneval, mbpp, or" in result.stderr
@@ -141,6 +145,7 @@ def hostile_completions(canary):
     }
 
 
+@pytest.mark.slow
 def test_hostile_programs_fail_and_harm_nothing(tmp_path):
     canary_dir = tmp_path / "shared"
     canary_dir.mkdir()
@@ -191,6 +196,7 @@ def test_programs_see_no_network():
     assert not outcome.passed and "unreachable" in outcome.message.lower()
 
 
+@pytest.mark.slow
 def test_smollm2_short_real_run_writes_both_files(smollm2_dir, tmp_path):
     result = run_evaluate("--limit", 5, "--max_new_tokens", 96, "--output_dir", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -45,6 +45,7 @@ def tied_llama_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("base_fixture", ["tiny_llama_dir", "tied_llama_dir", "smollm2_dir"])
+@pytest.mark.slow
 def test_hf_export_computes_what_base_plus_adapter_computes(request, base_fixture, tmp_path):
     base = str(request.getfixturevalue(base_fixture))
     adapted = make_adapter(base, tmp_path / "adapter")
@@ -61,6 +62,7 @@ def test_hf_export_computes_what_base_plus_adapter_computes(request, base_fixtur
     assert not list((tmp_path / "out").glob(".*"))  # no staging folder left
 
 
+@pytest.mark.slow
 def test_hf_export_is_sharded_and_serves_generate(smollm2_dir, tmp_path):
     make_adapter(str(smollm2_dir), tmp_path / "adapter", targets=("q_proj", "v_proj"))
     result = run_export("--base_model", "smollm2-135m", "--lora_weights", tmp_path / "adapter",
@@ -74,6 +76,7 @@ def test_hf_export_is_sharded_and_serves_generate(smollm2_dir, tmp_path):
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_pytorch_export_converts_back_to_the_merged_weights(tiny_llama_dir, tmp_path):
     make_adapter(str(tiny_llama_dir), tmp_path / "adapter")
     for kind in ("hf", "pytorch"):
@@ -103,6 +106,7 @@ def test_pytorch_export_converts_back_to_the_merged_weights(tiny_llama_dir, tmp_
     (["--dtype", "int4"], "unknown dtype 'int4'"),
     (["--quantize", "q8_0"], "--quantize takes q8_0, q4_k_m, q5_k_m (comma-separated), with --checkpoint_type gguf"),
 ])
+@pytest.mark.slow
 def test_bad_arguments_fail_in_one_line(tiny_llama_dir, tmp_path, arguments, message):
     make_adapter(str(tiny_llama_dir), tmp_path / "adapter")
     result = run_export("--base_model", tiny_llama_dir, "--lora_weights", tmp_path / "adapter",
@@ -120,6 +124,7 @@ def test_adapter_of_another_model_is_refused(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "out" / "hf_ckpt").exists()
 
 
+@pytest.mark.slow
 def test_existing_export_is_kept_unless_overwrite(tiny_llama_dir, tmp_path):
     make_adapter(str(tiny_llama_dir), tmp_path / "adapter")
     (tmp_path / "out" / "hf_ckpt").mkdir(parents=True)
@@ -147,6 +152,7 @@ def llama_cpp_greedy(path, prompt_ids, n_tokens):
 
 @pytest.mark.parametrize("base_fixture", ["smollm2_dir", "tiny_llama_dir"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.slow
 def test_gguf_export_continues_like_transformers(request, base_fixture, dtype, tmp_path):
     pytest.importorskip("llama_cpp")
     base = str(request.getfixturevalue(base_fixture))
@@ -165,6 +171,7 @@ def test_gguf_export_continues_like_transformers(request, base_fixture, dtype, t
     assert continuation == expected
 
 
+@pytest.mark.slow
 def test_gguf_quantized_to_q8_0_loads_and_generates(smollm2_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     make_adapter(str(smollm2_dir), tmp_path / "adapter", targets=("q_proj", "v_proj"))

@@ -31,6 +31,7 @@ def render(tokenizer, instruction):
 
 
 @pytest.mark.parametrize("name, template", [("alpaca", load_template("alpaca")), ("mine", CUSTOM)])
+@pytest.mark.slow
 def test_hf_and_gguf_exports_render_the_training_prompt(tiny_llama_dir, tmp_path, name, template):
     make_adapter(str(tiny_llama_dir), tmp_path / "adapter", targets=("q_proj",))
     save_template_record(tmp_path / "adapter", name=name, template=template)  # as finetune.py does
@@ -60,6 +61,7 @@ def test_explicit_template_overrides_the_record_with_a_warning(tiny_llama_dir, t
     assert render(tokenizer, "Sort.") == Prompter("alpaca_short").generate_prompt("Sort.")
 
 
+@pytest.mark.slow
 def test_chat_tuned_adapter_keeps_the_base_chat_template(smollm2_dir, tmp_path):
     make_adapter(str(smollm2_dir), tmp_path / "adapter", targets=("q_proj",))
     (tmp_path / "adapter" / "prompt_template.json").write_text(json.dumps({"name": "chat", "template": None}))

@@ -75,6 +75,7 @@ def adapter_weights(folder):
     (["--precision", "fp8"], "--precision must be auto, bf16, fp16 or fp32"),
     (["--resume_from_checkpoint", "True"], "--resume_from_checkpoint: no whole checkpoint in"),
 ])
+@pytest.mark.slow
 def test_bad_flags_fail_in_one_line_before_the_model_loads(tiny_llama_dir, data_file, tmp_path, flags, message):
     result = run_finetune("finetune.py", "--base_model", tiny_llama_dir, "--data_path", data_file,
                           "--output_dir", tmp_path / "out", *flags)
@@ -127,6 +128,7 @@ def test_val_set_size_is_clamped_on_small_data(tiny_llama_dir, data_file, capsys
 
 # ---- training, saving, reloading ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_with_the_same_logits(tiny_llama_dir, data_file, tmp_path):
     output_dir = tmp_path / "run"
     trainer = finetune.train(**tiny_flags(tiny_llama_dir, data_file, output_dir, val_set_size=4, eval_steps=2))
@@ -208,6 +210,7 @@ def test_8bit_base_trains_on_cpu(tiny_llama_dir, data_file, tmp_path):
     assert (tmp_path / "int8" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tiny_llama_dir, data_file, tmp_path):
     flags = tiny_flags(tiny_llama_dir, data_file, tmp_path / "ddp", max_steps=2)
     result = run_finetune("--nproc_per_node", "2", "finetune.py", *[f"--{k}={v}" for k, v in flags.items()],
@@ -224,6 +227,7 @@ def test_torchrun_two_processes_on_cpu(tiny_llama_dir, data_file, tmp_path):
 # ---- a real model on real data -----------------------------------------------------------
 
 @pytest.mark.skipif(not (SHARED_DATA / "code_alpaca_20k.json").is_file(), reason="../shared/data is not here")
+@pytest.mark.slow
 def test_smollm2_loss_falls_on_real_records(smollm2_dir, tmp_path):
     records = json.loads((SHARED_DATA / "code_alpaca_20k.json").read_text())[:16]
     data = tmp_path / "real.json"

@@ -67,6 +67,7 @@ def test_batched_file_mode_equals_one_by_one_greedy(tiny_llama_dir, tmp_path):
     ('{"instruction": "ok"}\nnot json\n', "line 2: not valid JSON"),
     ('{"input": "no instruction"}\n', "line 1: expected an object with an instruction string"),
 ])
+@pytest.mark.slow
 def test_bad_prompts_files_fail_in_one_line(tiny_llama_dir, tmp_path, content, message):
     prompts = tmp_path / "prompts.jsonl"
     if content is not None:
@@ -76,6 +77,7 @@ def test_bad_prompts_files_fail_in_one_line(tiny_llama_dir, tmp_path, content, m
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_lora_from_another_model_is_a_clear_startup_error(tiny_llama_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -130,6 +132,7 @@ def client(server):
 ARGS = dict(input="", temperature=0, top_p=0.75, top_k=40, num_beams=1, max_new_tokens=24)
 
 
+@pytest.mark.slow
 def test_predict_answers_greedily(server):
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     instruction = INSTRUCTIONS[0][0]
@@ -158,6 +161,7 @@ def test_empty_instruction_and_out_of_range_values_get_answers(server):
     assert isinstance(beams, str)
 
 
+@pytest.mark.slow
 def test_eight_concurrent_clients_are_all_answered(server):
     answers = [None] * 8
 

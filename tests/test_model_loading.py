@@ -56,6 +56,7 @@ def test_tokenizer_without_unk_gets_a_new_pad_token_and_embedding(tiny_llama_dir
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
 
 
+@pytest.mark.slow
 def test_smollm2_alias_is_a_plain_hf_folder_equal_to_the_gguf(smollm2_dir):
     from transformers import AutoModelForCausalLM
 

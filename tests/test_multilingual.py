@@ -73,6 +73,7 @@ def write_samples(path, samples):
 # ---- HumanEval-X: known answers --------------------------------------------------------------------
 
 @pytest.mark.parametrize("language", multilingual.HUMANEVALX_LANGUAGES)
+@pytest.mark.slow
 def test_humanevalx_canonical_solutions_pass_and_empty_ones_fail(language):
     task = f"humanevalx-{language}"
     first = problems(task, limit=3)
@@ -139,7 +140,9 @@ WHOLE_FUNCTIONS = {  # HumanEval-X problem 2, truncate_number: (right answer, wr
 }
 
 
-@pytest.mark.parametrize("language", multilingual.HUMANEVALX_LANGUAGES)
+# Go's build (go test -c) takes seconds: the fast tier leaves it to the full run.
+@pytest.mark.parametrize("language", [pytest.param(language, marks=pytest.mark.slow) if language == "go" else language
+                                      for language in multilingual.HUMANEVALX_LANGUAGES])
 def test_fenced_whole_function_answers_become_runnable_programs(language):
     task = f"humanevalx-{language}"
     problem = problems(task, limit=3)[2]
@@ -207,6 +210,7 @@ MULTIPLE_ANSWERS = {  # language: {problem: (right, wrong)}, in MultiPL-E's conv
 
 
 @pytest.mark.parametrize("suffix", list(multilingual.MULTIPLE_LANGUAGES))
+@pytest.mark.slow
 def test_multiple_right_completions_pass_and_wrong_ones_fail(suffix):
     task = f"multiple-{suffix}"
     known = by_id(task)
@@ -235,6 +239,7 @@ def test_multiple_whole_function_answers_also_pass(suffix):
     assert outcome.passed, outcome.message
 
 
+@pytest.mark.slow
 def test_multiple_tasks_print_one_table_and_need_a_task_field_for_shared_ids(tmp_path):
     for task in ("multiple-js", "multiple-sh", "multiple-pl"):
         need(task)
@@ -259,6 +264,7 @@ def test_a_missing_toolchain_is_one_error_naming_the_package(monkeypatch):
         multilingual.check_toolchain("go", "humanevalx")
 
 
+@pytest.mark.slow
 def test_unknown_task_and_missing_problems_file_fail_in_one_line(tmp_path):
     result = run_evaluate("--task", "multiple-cobol")
     assert result.returncode == 2 and "--task must be" in result.stderr and "multiple-php" in result.stderr

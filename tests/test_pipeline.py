@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import pytest
 
 from conftest import ROOT
 
@@ -18,6 +19,7 @@ def run_main_job(tiny_llama_dir, work_dir, data_dir):
     return subprocess.run(["bash", "run_codeup_cpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
 
+@pytest.mark.slow
 def test_main_job_chains_every_stage_and_skips_what_is_done(tiny_llama_dir, tmp_path):
     work = tmp_path / "run"
     result = run_main_job(tiny_llama_dir, work, tmp_path / "no-data")

@@ -61,6 +61,7 @@ def codeup_run(tmp_path_factory):
 
 
 @needs_shared_data
+@pytest.mark.slow
 def test_codeup_run_end_to_end(codeup_run):
     report = read_json(codeup_run / "report.json")
     assert report["inputs"] == {str(CODE_ALPACA): 20022, str(NEW_CODEALPACA): 4535}
@@ -90,6 +91,7 @@ def test_codeup_run_end_to_end(codeup_run):
 
 
 @needs_shared_data
+@pytest.mark.slow
 def test_kept_records_keep_the_input_order(codeup_run):
     records = json.loads(CODE_ALPACA.read_text()) + json.loads(NEW_CODEALPACA.read_text())
     kept = read_json(codeup_run / "codeup_19k.json")
@@ -253,6 +255,7 @@ def multilingual_strict_runs(tmp_path_factory):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "multipl-e").is_dir(), reason="../shared/data is not here")
+@pytest.mark.slow
 def test_records_overlapping_multilingual_benchmarks_are_dropped(multilingual_strict_runs):
     out, stdout = multilingual_strict_runs["named"]
     assert "Decontamination: HumanEval (164 problems); humaneval_cpp.jsonl (HumanEval-X, 164 problems); " in stdout
@@ -264,6 +267,7 @@ def test_records_overlapping_multilingual_benchmarks_are_dropped(multilingual_st
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "multipl-e").is_dir(), reason="../shared/data is not here")
+@pytest.mark.slow
 def test_decontaminate_with_none_checks_nothing(multilingual_strict_runs):
     out, stdout = multilingual_strict_runs["none"]
     assert "Decontamination: off (--decontaminate_with none)" in stdout
