@@ -13,6 +13,7 @@ renamed into place. HumanEval-X (Apache-2.0) comes gzipped from CodeGeeX's repos
 comes as parquet from the hub and is written as JSONL, the layout evaluate.py reads.
 """
 
+import contextlib
 import gzip
 import io
 import json
@@ -76,21 +77,15 @@ def is_valid_benchmark(path: Path, fields) -> bool:
     return bool(rows) and all(isinstance(row, dict) and all(field in row for field in fields) for row in rows)
 
 
-def fetch_benchmark(url: str, target: Path, spec: dict, timeout: float) -> None:
-    """Download, convert to JSONL, check the rows, then rename into place (never a half file)."""
+@contextlib.contextmanager
+def replacing(url: str, target: Path):
+    """A temp file beside `target` for the block to fill; renamed onto `target` when the block
+    succeeds, removed otherwise (never a half file). A network or disk error names the URL."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(handle)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-        try:
-            converted = spec["convert"](data)
-        except Exception as error:  # a truncated gzip, an HTML page instead of parquet, ...
-            raise CodeUpError(f"{url} did not give {spec['mirror_name'].split('.', 1)[1]} data: {error}") from error
-        with os.fdopen(handle, "wb") as out:
-            out.write(converted)
-        if not is_valid_benchmark(Path(temp), spec["fields"]):
-            raise CodeUpError(f"{url} did not give rows with {', '.join(spec['fields'])}")
+        yield Path(temp)
         os.chmod(temp, 0o644)
         os.replace(temp, target)
     except OSError as error:
@@ -98,6 +93,20 @@ def fetch_benchmark(url: str, target: Path, spec: dict, timeout: float) -> None:
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+
+
+def fetch_benchmark(url: str, target: Path, spec: dict, timeout: float) -> None:
+    """Download, convert to JSONL, check the rows, then rename into place."""
+    with replacing(url, target) as temp:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+        try:
+            converted = spec["convert"](data)
+        except Exception as error:  # a truncated gzip, an HTML page instead of parquet, ...
+            raise CodeUpError(f"{url} did not give {spec['mirror_name'].split('.', 1)[1]} data: {error}") from error
+        temp.write_bytes(converted)
+        if not is_valid_benchmark(temp, spec["fields"]):
+            raise CodeUpError(f"{url} did not give rows with {', '.join(spec['fields'])}")
 
 
 def download_benchmarks(folder: Path, base_url: str, overwrite: bool, timeout: float) -> None:
@@ -122,23 +131,15 @@ def is_valid(path: Path) -> bool:
 
 
 def fetch(url: str, target: Path, timeout: float) -> None:
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+    with replacing(url, target) as temp:
+        with temp.open("wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
                 while chunk := response.read(1 << 16):
                     out.write(chunk)
                     bar.update(len(chunk))
-        if not is_valid(Path(temp)):
+        if not is_valid(temp):
             raise CodeUpError(f"{url} did not give a JSON list of instruction records")
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
-    except OSError as error:
-        raise CodeUpError(f"cannot download {url}: {error}") from None
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def main(output_dir: str = "data/", base_url: str = "", overwrite: bool = False, timeout: float = 60.0,
