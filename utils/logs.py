@@ -60,8 +60,15 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
+def silence_notice(logger_name: str, text: str) -> None:
+    """Drop the records of one library logger whose message contains `text` (only those)."""
+    target = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMessage) and f.text == text for f in target.filters):
+        target.addFilter(_DropMessage(text))
+
+
 # An optional faster 4-bit CPU kernel (the `kernels` package) is missing: nothing is wrong.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("from kernels-community"))
+silence_notice("bitsandbytes.backends.cpu.ops", "from kernels-community")
 # transformers 5 deprecates a name that PEFT and the Trainer themselves still call.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 

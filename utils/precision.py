@@ -16,12 +16,12 @@ to fp16 whatever they were, so an 8-bit base on a GPU computes in fp16.
 """
 
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
 from utils.errors import CodeUpError
+from utils.logs import silence_notice
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
@@ -97,14 +97,7 @@ def enable_tf32() -> bool:
     return True
 
 
-class _DropCastNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "inputs will be cast" not in record.getMessage()
-
-
 def silence_bitsandbytes_cast_notice() -> None:
     """bitsandbytes logs "MatMul8bitLt: inputs will be cast from ... to float16" on every 8-bit
     matmul whose input is not fp16 (hundreds of lines a training step); that cast is by design."""
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropCastNotice) for f in logger.filters):
-        logger.addFilter(_DropCastNotice())
+    silence_notice("bitsandbytes.autograd._functions", "inputs will be cast")
