@@ -73,3 +73,42 @@ def smollm2_dir(tmp_path_factory) -> Path:
         os.environ.pop("CODEUP_CACHE")
     else:
         os.environ["CODEUP_CACHE"] = previous
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_generate_server(*args, env_extra=None, timeout=240):
+    """generate.py serving on a free loopback port, once its /v1 API answers (it serves the page
+    and the API together); (process, port). Stop it with stop_generate_server."""
+    import subprocess
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "CODEUP_API_KEY"}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1", **(env_extra or {}))
+    process = subprocess.Popen([sys.executable, "generate.py", "--server_port", str(port), *map(str, args)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"generate.py exited: {process.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code in (200, 401):
+                return process, port
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    pytest.fail(f"generate.py did not start in {timeout} s")
+
+
+def stop_generate_server(process) -> None:
+    process.terminate()
+    process.wait(timeout=30)

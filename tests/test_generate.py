@@ -2,17 +2,15 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 import pytest
 import torch
 
-from conftest import ROOT, build_tiny_llama
+from conftest import ROOT, build_tiny_llama, start_generate_server, stop_generate_server
 from utils.model_loading import load_model_and_tokenizer
 from utils.prompter import Prompter
 
@@ -93,34 +91,12 @@ def test_lora_from_another_model_is_a_clear_startup_error(tiny_llama_dir, tmp_pa
 
 # ---- the web page ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
     """The page on the real SmolLM2-135M: its answers are text a person can read, and stream word by word."""
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    process = subprocess.Popen([sys.executable, "generate.py", "--server_port", str(port)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"generate.py exited: {process.stdout.read()[-3000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the page did not start in 180 s")
+    process, port = start_generate_server(timeout=180)
     yield {"url": f"http://127.0.0.1:{port}/", "port": port, "pid": process.pid}
-    process.terminate()
-    process.wait(timeout=30)
+    stop_generate_server(process)
 
 
 def client(server):

@@ -1,8 +1,6 @@
 """generate.py's OpenAI-compatible API, driven by the official `openai` client (servers on 127.0.0.1)."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -11,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, start_generate_server, stop_generate_server
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow  # each module server loads a model and serves it
@@ -20,52 +18,20 @@ INSTRUCTION = "Write a Python function that adds two numbers."
 KEY = "test-key-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(*args, env_extra=None):
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if key != "CODEUP_API_KEY"}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1", **(env_extra or {}))
-    process = subprocess.Popen([sys.executable, "generate.py", "--server_port", str(port), *map(str, args)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"generate.py exited: {process.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code in (200, 401):
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the server did not start in 240 s")
-    return process, port
-
-
-def stop_server(process):
-    process.terminate()
-    process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def smollm2_server(smollm2_dir):
-    process, port = start_server()
+    process, port = start_generate_server()
     yield {"base": f"http://127.0.0.1:{port}", "port": port, "model": "smollm2-135m"}
-    stop_server(process)
+    stop_generate_server(process)
 
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_llama_dir):
     """The tiny random model, a key required, one request waiting at most."""
-    process, port = start_server("--base_model", tiny_llama_dir, "--api_only", "--max_queue", 1,
+    process, port = start_generate_server("--base_model", tiny_llama_dir, "--api_only", "--max_queue", 1,
                                  env_extra={"CODEUP_API_KEY": KEY})
     yield {"base": f"http://127.0.0.1:{port}", "model": tiny_llama_dir.name}
-    stop_server(process)
+    stop_generate_server(process)
 
 
 def client(server, key="unused", timeout=300):
