@@ -27,6 +27,7 @@ def render(template: dict, messages, add_generation_prompt=True) -> str:
                                  eos_token=EOS, bos_token="<s>")[0][0]
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "code_alpaca_20k.json").is_file(), reason="../shared/data is not here")
 @pytest.mark.parametrize("name", available_templates())
 def test_one_user_message_renders_the_training_prompt(name):
     template = load_template(name)
