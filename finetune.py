@@ -29,6 +29,7 @@ from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
 from utils.files import read_json, read_jsonl
+from utils.loss import head_of, head_skipped, linear_cross_entropy
 from utils.model_loading import (
     DEFAULT_BASE_MODEL,
     fit_model_to_tokenizer,
@@ -522,7 +523,7 @@ def build_trainer(*, model, args, tokenizer, train_data, val_data, packing, earl
     own_callbacks = [MarkCompleteCheckpoints()]
     if early_stopping_patience:
         own_callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
-    return transformers.Trainer(
+    return Trainer(
         model=model,
         args=args,
         train_dataset=train_data,
@@ -531,6 +532,27 @@ def build_trainer(*, model, args, tokenizer, train_data, val_data, packing, earl
         processing_class=tokenizer,
         callbacks=[*own_callbacks, *callbacks],
     )
+
+
+class Trainer(transformers.Trainer):
+    """transformers' Trainer, with the training loss computed without the full logits
+    (utils/loss.py: the same loss, a fraction of the memory; tokens without a label get no
+    logits). Evaluation, and architectures whose logits are more than the head's output, keep
+    transformers' own loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        head = head_of(self.accelerator.unwrap_model(model))
+        if (return_outputs or head is None or "labels" not in inputs or self.label_smoother is not None
+                or self.compute_loss_func is not None or self.args.n_gpu > 1):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        features = {name: value for name, value in inputs.items() if name != "labels"}
+        with head_skipped(head):
+            hidden_states = model(**features).logits
+        loss = linear_cross_entropy(hidden_states, head.weight, inputs["labels"], num_items_in_batch=num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss does
+        return loss
 
 
 class RecordPromptTemplate(transformers.TrainerCallback):

@@ -1,0 +1,105 @@
+"""The training loss without the full logits: the output head and cross-entropy, a chunk of tokens
+at a time.
+
+transformers' causal-LM loss computes the logits of every token (tokens x vocabulary), upcasts
+them to float32 and keeps them, their log-softmax and then their gradient for the backward pass:
+for SmolLM2 (49K vocabulary) at 4 x 200 tokens about 0.5 GB, for Qwen2.5-Coder (152K) at a 16 x 512
+micro-batch about 14 GB, more than the rest of the step. Here the logits exist one chunk at a time,
+and the gradient of the loss with respect to the hidden states (tokens x hidden size, small) is
+computed in the forward pass, while the chunk's softmax is at hand, so nothing is recomputed (the
+idea of Liger-Kernel's fused linear cross-entropy, which needs Triton; this is plain PyTorch and
+runs on a CPU too). Tokens whose label is -100 (prompts under --train_on_inputs False, example
+boundaries of packed rows) get no logits at all. The loss is the same sum as transformers' (the
+head in the model's dtype, cross-entropy in float32), normalized the same way.
+"""
+
+import contextlib
+
+import torch
+
+IGNORE_INDEX = -100
+# Logits of at most this many elements exist at once: on a CPU 16 MB in float32 (85 tokens of a 49K
+# vocabulary: cache-friendly), on a GPU 128 MB (220 tokens of a 152K one: few kernel launches and
+# large enough matmuls).
+CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**25}
+# Architectures whose logits are exactly lm_head(final hidden states): no soft-capping (Gemma 2/3),
+# logit scale (Cohere) or divisor (Granite), no bias. Others keep transformers' own loss.
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "starcoder2",
+                          "phi3", "olmo2"}
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum over tokens of cross_entropy(hidden @ weight.T, targets), and its gradient, by chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            logits = (h @ weight.T).float()  # the head in the model's dtype, the loss in float32, as transformers does
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            total += (log_normalizer - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d(loss)/d(logits) = softmax - one-hot, computed in place over the chunk's logits.
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+            grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
+            grad_logits = grad_logits.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
+                None, None)
+
+
+def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None):
+    """transformers' causal-LM loss (ForCausalLMLoss) from the final hidden states (batch, length,
+    hidden) and the head's weight: labels shifted by one, -100 ignored, the sum divided by
+    num_items_in_batch (the tokens of the whole accumulated batch) or, without it, the mean."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    keep = targets != IGNORE_INDEX
+    device = hidden.device.type
+    chunk_tokens = max(16, CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cuda"]) // weight.shape[0])
+    # The head's matmul in the dtype the model's own head runs in: autocast's under mixed precision
+    # (the hidden states are float32 there when LoRA's float32 output joined the residual stream).
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with torch.autocast(device, enabled=False):
+        total = LinearCrossEntropy.apply(hidden[keep].to(dtype), weight.to(dtype), targets[keep], chunk_tokens)
+    if num_items_in_batch is None:
+        return total / keep.sum().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def head_of(model):
+    """The output head of a (PEFT-wrapped) causal LM when the chunked loss computes exactly its
+    loss, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    plain = (getattr(base.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+             and isinstance(head, torch.nn.Linear) and head.bias is None)
+    return head if plain else None
+
+
+@contextlib.contextmanager
+def head_skipped(head):
+    """The model's forward returns its final hidden states in place of the logits (the head
+    passes its input through), so that the loss can apply the head itself, chunk by chunk. The
+    forward still runs through every wrapper (DDP, accelerate), only the head is bypassed."""
+    head.forward = lambda hidden_states: hidden_states
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's forward
