@@ -200,3 +200,31 @@ def test_a_real_browser_streams_an_answer_and_chats(server, tmp_path):
     assert highlighted >= 1  # SmolLM2 answers with a fenced code block, rendered as code
     assert any(m.strip() for m in bot_messages)
     assert (artifacts / "generate_page.png").stat().st_size > 10_000
+
+
+def test_adapter_is_merged_in_memory_on_a_full_precision_base(tiny_llama_dir, tmp_path):
+    """No LoRA matmuls left per generated token, and the same model: logits equal the unmerged adapter's."""
+    from peft import PeftModel
+
+    from test_export_adapters import PROBE_IDS, perturbed_adapter
+    from utils.generation import Generator
+
+    unmerged = perturbed_adapter(tiny_llama_dir, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    generator = Generator(str(tiny_llama_dir), str(tmp_path / "adapter"))
+    assert not isinstance(generator.model, PeftModel)
+    assert not any("lora" in name for name, _ in generator.model.named_modules())
+    with torch.no_grad():
+        ours = generator.model(torch.tensor(PROBE_IDS)).logits
+        theirs = unmerged(torch.tensor(PROBE_IDS)).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_adapter_stays_beside_an_8bit_base(tiny_llama_dir, tmp_path):
+    from peft import PeftModel, get_peft_model, LoraConfig
+
+    from utils.generation import Generator
+
+    model, _ = load_model_and_tokenizer(str(tiny_llama_dir))
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
+    generator = Generator(str(tiny_llama_dir), str(tmp_path / "adapter"), load_8bit=True)
+    assert isinstance(generator.model, PeftModel)

@@ -69,7 +69,7 @@ class Generator:
         if self.chat:
             self.prompter = ChatPrompter(self.tokenizer)
         if lora_weights:
-            self.model = load_adapter(self.model, lora_weights, base_model)
+            self.model = load_adapter(self.model, lora_weights, base_model, merge=not load_8bit)
         self.model.eval()
         self.lock = threading.Lock()
 
@@ -249,14 +249,18 @@ class Generator:
         return response
 
 
-def load_adapter(model, lora_weights: str, base_model: str):
+def load_adapter(model, lora_weights: str, base_model: str, *, merge: bool):
+    """The model with the LoRA adapter in `lora_weights`. merge: add the adapter into the base
+    weights in memory (a full-precision base): generation then runs the base's matmuls only, not
+    the adapter's extra two per adapted layer and token; a quantized base keeps it beside them."""
     from peft import PeftModel
 
     folder = Path(lora_weights).expanduser()
     if not (folder / "adapter_config.json").is_file():
         raise CodeUpError(f"--lora_weights {folder}: no adapter_config.json (train one with finetune.py)")
     try:
-        return PeftModel.from_pretrained(model, str(folder))
+        model = PeftModel.from_pretrained(model, str(folder))
     except (ValueError, RuntimeError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CodeUpError(f"the LoRA adapter in {folder} does not fit base model {base_model}: {first_line}") from None
+        raise CodeUpError(f"the LoRA adapter in {folder} does not fit base model {base_model}: {first_line}") from error
+    return model.merge_and_unload() if merge else model
