@@ -54,7 +54,11 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
             split = lambda t: t.unflatten(1, (len(spans), length)).transpose(0, 1)
             rows.append(attend(split(q), split(k), split(v)).transpose(0, 1).flatten(1, 2))
         else:
-            rows.append(torch.cat([attend(q[None, :, a:b], k[None, :, a:b], v[None, :, a:b])[0] for a, b in spans], dim=1))
+            # split, not slicing: the backward of a slice zero-fills a gradient the size of the
+            # whole row for every example; split's backward is one concatenation.
+            sizes = [end - start for start, end in spans]
+            pieces = zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))
+            rows.append(torch.cat([attend(qe[None], ke[None], ve[None])[0] for qe, ke, ve in pieces], dim=1))
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
