@@ -166,8 +166,6 @@ def generate_samples_via_api(problems, *, api_base, api_model, api_key, concurre
                              n_samples, temperature, max_new_tokens) -> tuple[list[dict], dict]:
     """n_samples responses per problem from an OpenAI-compatible server; (samples, which endpoint
     and model answered)."""
-    import os
-
     from tqdm.auto import tqdm
 
     from utils.api_generation import ApiGenerator
