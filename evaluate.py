@@ -162,18 +162,16 @@ def generate_samples(problems, base_model, lora_weights, prompt_template, n_samp
     return samples
 
 
-def generate_samples_via_api(problems, *, api_base, api_model, api_key, concurrency, prompt_template, n_samples,
-                             temperature, max_new_tokens) -> tuple[list[dict], dict]:
+def generate_samples_via_api(problems, *, api_base, api_model, api_key, concurrency, prompt_template, lora_weights,
+                             n_samples, temperature, max_new_tokens) -> tuple[list[dict], dict]:
     """n_samples responses per problem from an OpenAI-compatible server; (samples, which endpoint
     and model answered)."""
-    import os
-
     from tqdm.auto import tqdm
 
     from utils.api_generation import ApiGenerator
 
     generator = ApiGenerator(api_base=api_base, api_model=api_model, api_key=api_key or os.environ.get("CODEUP_API_KEY", ""),
-                             prompt_template=prompt_template, concurrency=concurrency)
+                             prompt_template=prompt_template, lora_weights=lora_weights, concurrency=concurrency)
     requests = [(problem, index) for problem in problems for index in range(n_samples)]
     with tqdm(total=len(requests), desc=f"Generating via {api_base}", unit="sample") as bar:
         responses = generator.answer_all([(p["instruction"], p["input"], index) for p, index in requests],
@@ -336,7 +334,9 @@ def main(
         batch_size: prompts generated together.
         load_8bit: load the base model in 8-bit.
         api_base: generate through this OpenAI-compatible server (e.g. http://127.0.0.1:7860/v1:
-            generate.py, llama.cpp's llama-server) instead of loading a model; same prompts.
+            generate.py, llama.cpp's llama-server, `python -m llama_cpp.server` on an exported GGUF)
+            instead of loading a model; same prompts and sampling. --lora_weights then names the
+            adapter the server serves, for its recorded prompt template only.
         api_model: the model name to ask the server for (default: the first it lists).
         api_key: the server's key (default: the CODEUP_API_KEY environment variable).
         api_concurrency: requests in flight at once.
@@ -364,7 +364,7 @@ def main(
     elif api_base:
         samples, model = generate_samples_via_api(problems, api_base=api_base, api_model=api_model, api_key=api_key,
                                                   concurrency=api_concurrency, prompt_template=prompt_template,
-                                                  n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens)
+                                                  lora_weights=lora_weights, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens)
     else:
         samples = generate_samples(problems, base_model, lora_weights, prompt_template, n_samples, temperature,
                                    max_new_tokens, batch_size, load_8bit)
