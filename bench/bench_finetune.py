@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/bench_finetune.py [--steps 6] [--rounds 2] [--records 256]
 
-Three trainers, each run in its own process (so peak memory is its own), alternating
-(ours, TRL padding-free, TRL defaults, ours, ...) so that drift in the machine's speed (other
-work on it) hits all alike:
-  - finetune.py with its defaults (packed rows, attention over each example alone);
-  - TRL SFTTrainer with `padding_free=True` (its fastest mode on a CPU: no padding, one row a
-    micro-batch; TRL then requires max_length=None, so the records are those that neither side
-    truncates at --cutoff_len);
+Trainers, each run in its own process (so peak memory is its own), alternating (ours, ...,
+TRL defaults, ours, ...) so that drift in the machine's speed (other work on it) hits all alike:
+  - finetune.py with its defaults (packed rows, attention over each example alone, no activation
+    checkpointing on a full-precision base), and with --gradient_checkpointing True (memory
+    against TRL's default, which checkpoints);
+  - TRL SFTTrainer with `padding_free=True` (no padding, one row a micro-batch; TRL then requires
+    max_length=None, so the records are those that neither side truncates at --cutoff_len), with
+    its default activation checkpointing and without it (its fastest mode on a CPU);
   - TRL SFTTrainer with its defaults (padded batches).
 All train SmolLM2-135M (or --base_model) with LoRA r=8 on q_proj,v_proj, micro-batches of 4,
 gradient accumulation to 16, the same precision (utils/precision.py: bf16 on CPUs with native
@@ -39,10 +40,14 @@ from machine import cpu_name  # noqa: E402
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
 SETTINGS = dict(micro_batch_size=4, batch_size=16, learning_rate=3e-4)
 TRAINERS = {
-    "ours": "finetune.py (its defaults: packed rows, per-example attention)",
-    "trl_padding_free": "TRL SFTTrainer, padding_free=True (its fastest mode here)",
-    "trl_defaults": "TRL SFTTrainer (its defaults: padded batches)",
+    "ours": "finetune.py (its defaults: packed rows, per-example attention, no checkpointing)",
+    "ours_checkpointing": "finetune.py --gradient_checkpointing True",
+    "trl_padding_free": "TRL SFTTrainer, padding_free=True (its default checkpointing on)",
+    "trl_padding_free_fast": "TRL SFTTrainer, padding_free=True, gradient_checkpointing=False (its fastest mode here)",
+    "trl_defaults": "TRL SFTTrainer (its defaults: padded batches, checkpointing on)",
 }
+# What a plain run compares (the other rows: --trainers ours,ours_checkpointing,...).
+DEFAULT_TRAINERS = "ours,ours_checkpointing,trl_padding_free,trl_padding_free_fast,trl_defaults"
 
 
 class TokenCounter:
@@ -68,7 +73,7 @@ def precision_name() -> str:
     return resolve_precision("auto", stage="training", device="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_ours(base_model, data_file, output_dir, steps, cutoff_len):
+def run_ours(base_model, data_file, output_dir, steps, cutoff_len, gradient_checkpointing=False):
     import transformers
 
     import finetune
@@ -84,12 +89,12 @@ def run_ours(base_model, data_file, output_dir, steps, cutoff_len):
         base_model=base_model, data_path=data_file, output_dir=output_dir, max_steps=steps, warmup_steps=0,
         val_set_size=0, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
         lora_target_modules=LORA["target_modules"], save_steps=10_000, logging_steps=1, cutoff_len=cutoff_len,
-        callbacks=[Probe()], **SETTINGS,
+        gradient_checkpointing=gradient_checkpointing, callbacks=[Probe()], **SETTINGS,
     )
     return trainer.model, probe["counter"].tokens, time.perf_counter() - probe["started"]
 
 
-def run_trl(base_model, data_file, output_dir, steps, cutoff_len, padding_free):
+def run_trl(base_model, data_file, output_dir, steps, cutoff_len, padding_free, gradient_checkpointing=True):
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -112,6 +117,7 @@ def run_trl(base_model, data_file, output_dir, steps, cutoff_len, padding_free):
         use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_steps=1,
         # padding-free without packing needs max_length=None (the records are short enough).
         padding_free=padding_free, max_length=None if padding_free else cutoff_len,
+        gradient_checkpointing=gradient_checkpointing,  # SFTConfig's default: True
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA))
@@ -125,11 +131,13 @@ def child(which: str, base_model: str, data_file: str, output_dir: str, steps: i
     """One training run; prints its measurements as JSON on the last line."""
     import torch
 
-    if which == "ours":
-        model, tokens, seconds = run_ours(base_model, data_file, output_dir, steps, cutoff_len)
+    if which.startswith("ours"):
+        model, tokens, seconds = run_ours(base_model, data_file, output_dir, steps, cutoff_len,
+                                          gradient_checkpointing=which == "ours_checkpointing")
     else:
         model, tokens, seconds = run_trl(base_model, data_file, output_dir, steps, cutoff_len,
-                                         padding_free=which == "trl_padding_free")
+                                         padding_free=which.startswith("trl_padding_free"),
+                                         gradient_checkpointing=which != "trl_padding_free_fast")
     parameters = sum(p.numel() for p in model.parameters())
     result = {
         "which": which, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
@@ -182,7 +190,7 @@ def main(
     steps: int = 6,
     rounds: int = 2,
     cutoff_len: int = 512,
-    trainers: str = ",".join(TRAINERS),
+    trainers: str = DEFAULT_TRAINERS,
     work_dir: str = "/tmp/codeup-bench-finetune",
     child_run: str = "",
 ):
@@ -232,7 +240,7 @@ def main(
               f"{median(which, 'flops_per_second') / peak:.0%} |")
     print()
     if "ours" in results:
-        for baseline in [name for name in chosen if name != "ours"]:
+        for baseline in [name for name in chosen if not name.startswith("ours")]:
             print(f"finetune.py against {baseline}: {median('ours', 'tokens_per_second') / median(baseline, 'tokens_per_second'):.2f}x "
                   f"the tokens/s at {median('ours', 'peak_rss_mb') / median(baseline, 'peak_rss_mb'):.2f}x the peak RSS")
 
