@@ -198,14 +198,16 @@ def test_a_killed_harness_leaves_no_program_behind():
         "from utils.sandbox import Limits, run_programs\n"
         "run_programs(['import time\\ntime.sleep(120)'] * 2, Limits(timeout=120), workers=2, progress=False)\n")],
         cwd=ROOT)
-    deadline = time.time() + 60
-    while len([p for p in sandbox_processes(harness.pid) if "program.py" in p.cmdline()]) < 2:
-        assert time.time() < deadline, "the programs never started"
-        time.sleep(0.1)
-    launchers = [p for p in psutil.Process(harness.pid).children() if "sandbox.py" in " ".join(p.cmdline())]
-    assert len(launchers) == 2
-    harness.kill()
-    harness.wait()
+    try:
+        deadline = time.time() + 60
+        while len([p for p in sandbox_processes(harness.pid) if "program.py" in p.cmdline()]) < 2:
+            assert time.time() < deadline, "the programs never started"
+            time.sleep(0.1)
+        launchers = [p for p in psutil.Process(harness.pid).children() if "sandbox.py" in " ".join(p.cmdline())]
+        assert len(launchers) == 2
+    finally:
+        harness.kill()
+        harness.wait()
     deadline = time.time() + 10
     while (sandbox_processes(harness.pid) or any(p.is_running() for p in launchers)) and time.time() < deadline:
         time.sleep(0.2)
