@@ -350,12 +350,13 @@ def run_programs(programs: list, limits: Limits = Limits(), workers: int | None 
 
 # ---- The launcher -------------------------------------------------------------------------------
 # Starting a program takes work between fork and exec: limits, namespaces, mounts, the uid switch.
-# Done by the harness (Popen's preexec_fn), it forks the harness itself, and a harness with torch
-# imported is ~350 MB of mappings whose page tables fork copies: 25-45 ms a program, more than
+# Done by the harness (Popen's preexec_fn), that is a fork of the harness itself, and a harness with
+# torch imported (~350 MB resident) takes 25-45 ms to fork, against 1-2 ms without torch: more than
 # a HumanEval program takes to run. So each worker slot has a launcher instead: this very file run
-# as a process of its own with the standard library only (-I -S, a few MB), started once, that
-# forks cheaply, prepares the child and reports how the step ended. It takes one JSON request per
-# line on stdin and answers one JSON line on stdout; the slot's thread waits for the answer.
+# as a process of its own with the standard library only (-I -S, ~20 MB), started once, that forks
+# one child per step and makes the system calls that `unshare` and `setpriv` made (two execs a step
+# fewer). It takes one JSON request per line on stdin and answers one JSON line on stdout; the
+# slot's thread waits for the answer.
 
 
 class Launcher:
@@ -400,6 +401,8 @@ def serve() -> None:
     """The launcher's loop: one step at a time, until the harness closes its end (or dies)."""
     mount_points()  # read once, here, outside every program's mount namespace
     libc()  # loaded once, not in every child
+    if os.geteuid() == 0:
+        own_pid_namespace()
     for line in sys.stdin.buffer:
         reply = launch(json.loads(line))
         sys.stdout.write(json.dumps(reply) + "\n")
@@ -409,116 +412,49 @@ def serve() -> None:
 def launch(request: dict) -> dict:
     """Start one step in a child of its own, wait for it (at most its timeout), kill whatever is
     left of it, and report how it ended."""
-    reap_torn_down_children()
     # Its output files, opened here as root: never through a symlink left by an earlier step.
     output_flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
     outputs = [os.open(request[name], output_flags, 0o600) for name in ("stdout", "stderr")]
     if request["uid"] is not None:
         for descriptor in outputs:
             os.fchown(descriptor, request["uid"], request["gid"])
-    report_read, report_write = os.pipe() if request["namespaces"] else (None, None)
-    pid = os.fork()
+    pid = fork_step_child(request["namespaces"])
     if pid == 0:
         try:
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(outputs[0], 1)
             os.dup2(outputs[1], 2)
-            start_step(request, report_write)
+            start_step(request)
         except BaseException as error:  # whatever went wrong, the child must not go on as the launcher
             os.write(2, f"sandbox: cannot start {request['argv'][0]}: {error}\n".encode())
         finally:
             os._exit(127)
-    for descriptor in [*outputs, report_write]:
-        if descriptor is not None:
-            os.close(descriptor)
-    step = RunningStep(pid, report_read)
-    try:
-        ended = step.wait(request["timeout"])
-        if not ended:
-            step.kill()
-            step.wait(None)
-        kill_session(pid)  # what is left of its session (without namespaces: all it started)
-        status = step.status()
-    finally:
-        step.close()
-    return {"returncode": os.waitstatus_to_exitcode(status) if ended else None, "timed_out": not ended}
+    for descriptor in outputs:
+        os.close(descriptor)
+    ended = wait_for_exit(pid, request["timeout"])
+    kill_session(pid)  # exited or not; in namespaces it is PID 1, whose death ends its whole namespace
+    _, status = os.waitpid(pid, 0)  # reaped only now: until then nobody else can get its pid (nor its group's)
+    if not ended:
+        return {"returncode": None, "timed_out": True}
+    return {"returncode": os.waitstatus_to_exitcode(status), "timed_out": False}
 
 
-# Children that reported their program's end and are still exiting (tearing its namespaces down).
-_torn_down: list = []
+@functools.cache
+def own_pid_namespace() -> int:
+    return os.open("/proc/self/ns/pid", os.O_RDONLY)
 
 
-def reap_torn_down_children() -> None:
-    for pid in list(_torn_down):
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            _torn_down.remove(pid)
-
-
-class RunningStep:
-    """A step's child as the launcher sees it. In namespaces the child stays outside the new PID
-    namespace, forks the program as its PID 1 and reports on a pipe: the program's pid, then its
-    wait status the moment it (and so everything in its namespace) has ended. The child's own exit
-    then tears the namespaces down, which for a mount namespace waits for an RCU grace period (tens
-    of ms on a busy machine, as long as a short program runs): nobody needs to wait for that, so
-    the child is reaped later. Without namespaces the child is the program, waited for directly."""
-
-    def __init__(self, pid: int, report: int | None):
-        self.pid, self.report, self.reported = pid, report, b""
-        self.poller = select.poll()
-        self.poller.register(sys.stdin.fileno(), select.POLLIN)  # input while a step runs: only the harness going away
-        try:  # noticed the moment it ends, without reaping it
-            self.pidfd = os.pidfd_open(pid)
-            self.poller.register(self.pidfd, select.POLLIN)
-        except (AttributeError, OSError):  # no pidfd (Linux < 5.3): look every 10 ms
-            self.pidfd = None
-        if report is not None:
-            self.poller.register(report, select.POLLIN)
-
-    def lines(self) -> list[bytes]:
-        return self.reported.split(b"\n")[:-1]
-
-    def wait(self, timeout: float | None) -> bool:
-        """Whether the program ended within `timeout` seconds (None: however long it takes)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while len(self.lines()) < 2 and os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            wait_ms = 10 if self.pidfd is None else (-1 if left is None else max(1, int(left * 1000)))
-            events = dict(self.poller.poll(wait_ms))
-            if sys.stdin.fileno() in events:  # the harness is gone: end the step and the launcher
-                self.kill()
-                kill_session(self.pid)
-                sys.exit(0)
-            if self.report in events:
-                chunk = os.read(self.report, 64)
-                self.reported += chunk
-                if not chunk:  # the child ended without a report (it could not start the program)
-                    self.poller.unregister(self.report)
-        return True
-
-    def kill(self) -> None:
-        """Kill the program: in namespaces its PID 1, whose death takes every process in its namespace
-        along (the child then reports as usual); otherwise its whole session."""
-        if self.lines():
-            try:
-                os.kill(int(self.lines()[0]), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        else:
-            kill_session(self.pid)
-
-    def status(self) -> int:
-        """The program's wait status."""
-        if len(self.lines()) >= 2:
-            _torn_down.append(self.pid)
-            return int(self.lines()[1])
-        return os.waitpid(self.pid, 0)[1]
-
-    def close(self) -> None:
-        for descriptor in (self.pidfd, self.report):
-            if descriptor is not None:
-                os.close(descriptor)
+def fork_step_child(namespaces: bool) -> int:
+    """os.fork(), the child (namespaces) as PID 1 of a new PID namespace. Such a namespace is asked
+    for before the fork and only takes effect for children (as `unshare --fork`); the launcher
+    then goes back to its own, so that each step gets a fresh one."""
+    if not namespaces:
+        return os.fork()
+    check(libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    pid = os.fork()
+    if pid:
+        check(libc().setns(own_pid_namespace(), CLONE_NEWPID), "setns(own PID namespace)")
+    return pid
 
 
 def kill_session(pid: int) -> None:
@@ -528,21 +464,40 @@ def kill_session(pid: int) -> None:
         pass
 
 
-def start_step(request: dict, report: int | None) -> None:
-    """In the launcher's child: its own session, then (namespaces) new PID, network and mount
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Whether the child `pid` ended within `timeout` seconds, noticed the moment it does (a
+    pidfd), without reaping it. The harness closing its end also ends the wait, the step and the
+    launcher."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(sys.stdin.fileno(), select.POLLIN)  # input while a step runs: only the harness going away
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3): look every 10 ms
+        pidfd = None
+    else:
+        poller.register(pidfd, select.POLLIN)
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            events = dict(poller.poll(max(1, int(left * 1000)) if pidfd is not None else 10))
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            if sys.stdin.fileno() in events:
+                kill_session(pid)
+                sys.exit(0)
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def start_step(request: dict) -> None:
+    """In the launcher's child: its own session, then (namespaces) new network and mount
     namespaces with a read-only file system, then the limits and the slot's uid, then exec."""
     os.setsid()  # its own process group, which the launcher kills at the end
-    if request["namespaces"]:
-        # The network namespace holds only a loopback that is down. A new PID namespace only takes
-        # effect for children (as `unshare --fork`), so this process forks its PID 1: the program.
-        check(libc().unshare(CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWNS), "unshare")
+    if request["namespaces"]:  # the network namespace holds only a loopback that is down
+        check(libc().unshare(CLONE_NEWNET | CLONE_NEWNS), "unshare")
         make_file_system_read_only(request["writable"], mount_points())
-        program = os.fork()
-        if program:
-            os.write(report, f"{program}\n".encode())
-            _, status = os.waitpid(program, 0)
-            os.write(report, f"{status}\n".encode())
-            os._exit(0)
     os.chdir(request["cwd"])  # after the mounts: through the writable bind, not the folder beneath it
     for name, value in request["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
@@ -551,8 +506,8 @@ def start_step(request: dict, report: int | None) -> None:
         os.setresgid(request["gid"], request["gid"], request["gid"])
         os.setresuid(request["uid"], request["uid"], request["uid"])  # and with it all capabilities go
     check(libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    # If its parent dies (killed with the launcher's session), PID 1 dies too, and with it the
-    # namespace. Set after the uid switch, which clears it.
+    # If the launcher dies, so does the program (and, as PID 1, its namespace). Set after the uid
+    # switch, which clears it.
     check(libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
     argv = request["argv"]
     os.execvpe(argv[0], argv, request["env"])
