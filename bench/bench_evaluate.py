@@ -109,7 +109,9 @@ def multilingual_rows(languages, rounds, workers):
                 timings["plain"].append(time.perf_counter() - started)
         sandbox, plain = statistics.median(timings["sandbox"]), statistics.median(timings["plain"])
         rows.append((multilingual.LANGUAGES[language].name, sandbox, plain, passed["sandbox"], passed["plain"], len(problems)))
-        print(f"{language}: sandbox {sandbox:.1f} s, plain {plain:.1f} s", file=sys.stderr)
+        print(f"{language}: sandbox {sandbox:.1f} s, plain {plain:.1f} s (each round: sandbox "
+              f"{', '.join(f'{t:.1f}' for t in timings['sandbox'])}; plain {', '.join(f'{t:.1f}' for t in timings['plain'])})",
+              file=sys.stderr)
     return rows
 
 

@@ -158,7 +158,7 @@ def probe_isolation() -> str:
                 if returncode == 0:
                     return "namespaces"
             except OSError:
-                pass  # no launcher (cannot happen on Linux), or no namespaces here: the step failed
+                pass  # the launcher could not start (cannot happen on Linux): no namespaces either
     if shutil.which("bwrap"):
         if subprocess.run(bubblewrap_prefix(tempfile.gettempdir()) + probe.command, capture_output=True, timeout=60).returncode == 0:
             return "bubblewrap"
@@ -418,7 +418,11 @@ def launch(request: dict) -> dict:
     if request["uid"] is not None:
         for descriptor in outputs:
             os.fchown(descriptor, request["uid"], request["gid"])
-    pid = fork_step_child(request["namespaces"])
+    try:
+        pid = fork_step_child(request["namespaces"])
+    except OSError as error:  # no namespaces here (say, a container without the rights): the step fails
+        os.write(outputs[1], f"sandbox: {error}\n".encode())
+        pid = None
     if pid == 0:
         try:
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
@@ -431,6 +435,8 @@ def launch(request: dict) -> dict:
             os._exit(127)
     for descriptor in outputs:
         os.close(descriptor)
+    if pid is None:
+        return {"returncode": 127, "timed_out": False}
     ended = wait_for_exit(pid, request["timeout"])
     kill_session(pid)  # exited or not; in namespaces it is PID 1, whose death ends its whole namespace
     _, status = os.waitpid(pid, 0)  # reaped only now: until then nobody else can get its pid (nor its group's)
