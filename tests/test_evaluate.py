@@ -215,7 +215,7 @@ def test_a_killed_harness_leaves_no_program_behind():
     assert not [p for p in launchers if p.is_running()]
 
 
-@pytest.mark.skipif(isolation() != "namespaces", reason="needs root and unshare")
+@pytest.mark.skipif(isolation() != "namespaces", reason="needs root (namespaces)")
 def test_programs_see_no_network():
     [outcome] = evaluate.run_programs(
         ["import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', 9))"], progress=False)
