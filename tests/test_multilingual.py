@@ -240,8 +240,9 @@ def test_multiple_whole_function_answers_also_pass(suffix):
 def test_multiple_tasks_print_one_table_and_need_a_task_field_for_shared_ids(tmp_path):
     for task in ("multiple-js", "multiple-sh", "multiple-pl"):
         need(task)
-    samples = [{"task": f"multiple-{suffix}", "task_id": "HumanEval_53_add", "completion": answers["HumanEval_53_add"][0]}
-               for suffix, answers in MULTIPLE_ANSWERS.items() if suffix in ("js", "sh", "pl")]
+    add = MULTIPLE_PROBLEMS.index("HumanEval_53_add")
+    samples = [{"task": f"multiple-{suffix}", "task_id": "HumanEval_53_add", "completion": MULTIPLE_ANSWERS[suffix][0][add]}
+               for suffix in ("js", "sh", "pl")]
     path = write_samples(tmp_path / "samples.jsonl", samples)
     result = run_evaluate("--task", "multiple-js,multiple-sh,multiple-pl", "--benchmarks_dir", SHARED_DATA,
                           "--samples_file", path, "--output_dir", tmp_path / "out", "--k", 1)
