@@ -457,9 +457,12 @@ def fork_step_child(namespaces: bool) -> int:
     if not namespaces:
         return os.fork()
     check(libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
-    pid = os.fork()
-    if pid:
-        check(libc().setns(own_pid_namespace(), CLONE_NEWPID), "setns(own PID namespace)")
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:  # the launcher (also when the fork failed), not the child
+            check(libc().setns(own_pid_namespace(), CLONE_NEWPID), "setns(own PID namespace)")
     return pid
 
 
