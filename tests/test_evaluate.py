@@ -189,7 +189,33 @@ def test_programs_run_without_the_harness_environment(tmp_path, monkeypatch):
         assert outcome.passed, outcome.message
 
 
-@pytest.mark.skipif(isolation() != "namespaces", reason="needs root and unshare")
+@pytest.mark.skipif(os.geteuid() != 0, reason="finds the programs by their uids, which needs root")
+def test_a_killed_harness_leaves_no_program_behind():
+    # The harness dies (SIGKILL: no cleanup of its own) while its programs sleep: the launchers
+    # notice, kill their programs and end.
+    harness = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, '.')\n"
+        "from utils.sandbox import Limits, run_programs\n"
+        "run_programs(['import time\\ntime.sleep(120)'] * 2, Limits(timeout=120), workers=2, progress=False)\n")],
+        cwd=ROOT)
+    try:
+        deadline = time.time() + 60
+        while len([p for p in sandbox_processes(harness.pid) if "program.py" in p.cmdline()]) < 2:
+            assert time.time() < deadline, "the programs never started"
+            time.sleep(0.1)
+        launchers = [p for p in psutil.Process(harness.pid).children() if "sandbox.py" in " ".join(p.cmdline())]
+        assert len(launchers) == 2
+    finally:
+        harness.kill()
+        harness.wait()
+    deadline = time.time() + 10
+    while (sandbox_processes(harness.pid) or any(p.is_running() for p in launchers)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not sandbox_processes(harness.pid)
+    assert not [p for p in launchers if p.is_running()]
+
+
+@pytest.mark.skipif(isolation() != "namespaces", reason="needs root (namespaces)")
 def test_programs_see_no_network():
     [outcome] = evaluate.run_programs(
         ["import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', 9))"], progress=False)

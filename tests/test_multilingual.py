@@ -177,35 +177,31 @@ def test_samples_file_with_fenced_answers_is_scored_through_the_cli(tmp_path):
 
 # ---- MultiPL-E: correct completions we wrote pass, wrong ones fail -----------------------------------
 
-MULTIPLE_ANSWERS = {  # language: {problem: (right, wrong)}, in MultiPL-E's convention (prompt + completion)
-    "js": {"HumanEval_23_strlen": ("  return string.length;\n}\n", "  return string.length + 1;\n}\n"),
-           "HumanEval_53_add": ("  return x + y;\n}\n", "  return x - y;\n}\n"),
-           "HumanEval_55_fib": ("  return n <= 1 ? n : fib(n - 1) + fib(n - 2);\n}\n", "  return n;\n}\n")},
-    "java": {"HumanEval_23_strlen": ("        return string.length();\n", "        return string.length() + 1;\n"),
-             "HumanEval_53_add": ("        return x + y;\n", "        return x - y;\n"),
-             "HumanEval_55_fib": ("        return n <= 1 ? n : fib(n - 1) + fib(n - 2);\n", "        return n;\n")},
-    "cpp": {"HumanEval_23_strlen": ("    return string.size();\n", "    return string.size() + 1;\n"),
-            "HumanEval_53_add": ("    return x + y;\n", "    return x - y;\n"),
-            "HumanEval_55_fib": ("    return n <= 1 ? n : fib(n - 1) + fib(n - 2);\n", "    return n;\n")},
-    "rs": {"HumanEval_23_strlen": ("    string.len() as isize\n", "    string.len() as isize + 1\n"),
-           "HumanEval_53_add": ("    x + y\n", "    x - y\n"),
-           "HumanEval_55_fib": ("    if n <= 1 { n } else { fib(n - 1) + fib(n - 2) }\n", "    n\n")},
-    "sh": {"HumanEval_23_strlen": ("    echo ${#1}\n", "    echo $(( ${#1} + 1 ))\n"),
-           "HumanEval_53_add": ("    echo $(( $1 + $2 ))\n", "    echo $(( $1 - $2 ))\n"),
-           "HumanEval_55_fib": ("    local a=0 b=1 i\n    for (( i = 0; i < $1; i++ )); do local t=$b; b=$(( a + b )); a=$t; done\n"
-                                "    echo $a\n", "    echo $1\n")},
-    "pl": {"HumanEval_23_strlen": ("    return length($string);\n}\n", "    return length($string) + 1;\n}\n"),
-           "HumanEval_53_add": ("    return $x + $y;\n}\n", "    return $x - $y;\n}\n"),
-           "HumanEval_55_fib": ("    return $n <= 1 ? $n : fib($n - 1) + fib($n - 2);\n}\n", "    return $n;\n}\n")},
-    "go": {"HumanEval_23_strlen": ("    return len(myString)\n}\n", "    return len(myString) + 1\n}\n"),
-           "HumanEval_53_add": ("    return x + y\n}\n", "    return x - y\n}\n"),
-           "HumanEval_55_fib": ("    if n <= 1 {\n        return n\n    }\n    return fib(n-1) + fib(n-2)\n}\n",
-                                "    return n\n}\n")},
-    # PHP's strlen problem redeclares a built-in function (broken in MultiPL-E itself): gcd instead.
-    "php": {"HumanEval_13_greatest_common_divisor": ("    while ($b != 0) { [$a, $b] = [$b, $a % $b]; }\n    return $a;\n}\n",
-                                                     "    return $a;\n}\n"),
-            "HumanEval_53_add": ("    return $x + $y;\n}\n", "    return $x - $y;\n}\n"),
-            "HumanEval_55_fib": ("    return $n <= 1 ? $n : fib($n - 1) + fib($n - 2);\n}\n", "    return $n;\n}\n")},
+# Three problems whose answers are integers, so one wrong answer serves all three: a constant 0
+# (right for none of them: each problem's tests check more than one case).
+MULTIPLE_PROBLEMS = ["HumanEval_23_strlen", "HumanEval_53_add", "HumanEval_55_fib"]
+# PHP's strlen problem redeclares a built-in function (broken in MultiPL-E itself): gcd instead.
+MULTIPLE_PROBLEMS_PHP = ["HumanEval_13_greatest_common_divisor", *MULTIPLE_PROBLEMS[1:]]
+# language: (the right answers to its three problems, in order; the wrong answer), in MultiPL-E's
+# convention (prompt + completion)
+MULTIPLE_ANSWERS = {
+    "js": (["  return string.length;\n}\n", "  return x + y;\n}\n",
+            "  return n <= 1 ? n : fib(n - 1) + fib(n - 2);\n}\n"], "  return 0;\n}\n"),
+    "java": (["        return string.length();\n", "        return x + y;\n",
+              "        return n <= 1 ? n : fib(n - 1) + fib(n - 2);\n"], "        return 0;\n"),
+    "cpp": (["    return string.size();\n", "    return x + y;\n", "    return n <= 1 ? n : fib(n - 1) + fib(n - 2);\n"],
+            "    return 0;\n"),
+    "rs": (["    string.len() as isize\n", "    x + y\n", "    if n <= 1 { n } else { fib(n - 1) + fib(n - 2) }\n"],
+           "    0\n"),
+    "sh": (["    echo ${#1}\n", "    echo $(( $1 + $2 ))\n",
+            "    local a=0 b=1 i\n    for (( i = 0; i < $1; i++ )); do local t=$b; b=$(( a + b )); a=$t; done\n    echo $a\n"],
+           "    echo 0\n"),
+    "pl": (["    return length($string);\n}\n", "    return $x + $y;\n}\n",
+            "    return $n <= 1 ? $n : fib($n - 1) + fib($n - 2);\n}\n"], "    return 0;\n}\n"),
+    "go": (["    return len(myString)\n}\n", "    return x + y\n}\n",
+            "    if n <= 1 {\n        return n\n    }\n    return fib(n-1) + fib(n-2)\n}\n"], "    return 0\n}\n"),
+    "php": (["    while ($b != 0) { [$a, $b] = [$b, $a % $b]; }\n    return $a;\n}\n", "    return $x + $y;\n}\n",
+             "    return $n <= 1 ? $n : fib($n - 1) + fib($n - 2);\n}\n"], "    return 0;\n}\n"),
 }
 
 
@@ -214,10 +210,11 @@ MULTIPLE_ANSWERS = {  # language: {problem: (right, wrong)}, in MultiPL-E's conv
 def test_multiple_right_completions_pass_and_wrong_ones_fail(suffix):
     task = f"multiple-{suffix}"
     known = by_id(task)
-    answers = MULTIPLE_ANSWERS[suffix]
-    pairs = [(known[name], right) for name, (right, _) in answers.items()]
-    pairs += [(known[name], wrong) for name, (_, wrong) in answers.items()]
-    pairs += [(known[name], "") for name in answers]
+    names = MULTIPLE_PROBLEMS_PHP if suffix == "php" else MULTIPLE_PROBLEMS
+    rights, wrong = MULTIPLE_ANSWERS[suffix]
+    pairs = [(known[name], right) for name, right in zip(names, rights)]
+    pairs += [(known[name], wrong) for name in names]
+    pairs += [(known[name], "") for name in names]
     outcomes = run(task, pairs)
     rights, wrongs, empties = outcomes[:3], outcomes[3:6], outcomes[6:]
     assert all(o.passed for o in rights), [o.message for o in rights]
@@ -243,8 +240,9 @@ def test_multiple_whole_function_answers_also_pass(suffix):
 def test_multiple_tasks_print_one_table_and_need_a_task_field_for_shared_ids(tmp_path):
     for task in ("multiple-js", "multiple-sh", "multiple-pl"):
         need(task)
-    samples = [{"task": f"multiple-{suffix}", "task_id": "HumanEval_53_add", "completion": answers["HumanEval_53_add"][0]}
-               for suffix, answers in MULTIPLE_ANSWERS.items() if suffix in ("js", "sh", "pl")]
+    add = MULTIPLE_PROBLEMS.index("HumanEval_53_add")
+    samples = [{"task": f"multiple-{suffix}", "task_id": "HumanEval_53_add", "completion": MULTIPLE_ANSWERS[suffix][0][add]}
+               for suffix in ("js", "sh", "pl")]
     path = write_samples(tmp_path / "samples.jsonl", samples)
     result = run_evaluate("--task", "multiple-js,multiple-sh,multiple-pl", "--benchmarks_dir", SHARED_DATA,
                           "--samples_file", path, "--output_dir", tmp_path / "out", "--k", 1)

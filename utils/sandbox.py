@@ -7,12 +7,16 @@ than programs), an environment with nothing inherited (no secrets), stdin closed
 captured into capped files, and its whole process group killed at the end.
 
 When the harness runs as root, the program never does: it runs under a uid of its own from a
-reserved range (one per worker slot, see `sandbox_uid`) inside new PID and network namespaces
-(`unshare`), so it sees no network, cannot signal the harness, every process it started dies with
-it, it sees the whole file system read-only but for its own folder (a mount namespace), and the
-process limit (which the kernel counts per uid) is its own: a fork bomb in one worker
-cannot starve the programs of the others. As another user, bubblewrap (`bwrap`) gives the same
-namespaces plus a read-only view of the file system when it is installed.
+reserved range (one per worker slot, see `sandbox_uid`) inside new PID, network and mount
+namespaces, so it sees no network, cannot signal the harness, every process it started dies with
+it, it sees the whole file system read-only but for its own folder, and the process limit (which
+the kernel counts per uid) is its own: a fork bomb in one worker cannot starve the programs of the
+others. As another user, bubblewrap (`bwrap`) gives the same namespaces plus a read-only view of
+the file system when it is installed.
+
+Programs are not started by the harness itself but by a launcher per worker slot: this file run as
+a small process of its own (see "The launcher" below), because forking the harness, which has
+torch imported, costs more than running a short program.
 
 A program passes only if it runs to its very end: each language appends code that writes a random
 token to a file (`RESULT_FILE`) after the tests, so exiting 0 before the asserts is a failure.
@@ -21,6 +25,7 @@ token to a file (`RESULT_FILE`) after the tests, so exiting 0 before the asserts
 import atexit
 import ctypes
 import functools
+import json
 import os
 import queue
 import re
@@ -37,8 +42,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 NOBODY_UID = NOBODY_GID = 65534
 RESULT_FILE = ".codeup_result"
@@ -90,12 +93,23 @@ def python_interpreter() -> str:
     return shutil.which("python3", path=SANDBOX_PATH) or sys.executable
 
 
-# Mount flags (linux/mount.h) for the read-only view of the file system.
-CLONE_NEWNS = 0x00020000
+# Namespace, mount and prctl constants (linux/sched.h, linux/mount.h, linux/prctl.h).
+CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 32, 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 MOUNT_OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                       "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def check(result: int, what: str) -> None:
+    if result != 0:
+        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
 @functools.cache
@@ -112,40 +126,41 @@ def mount_points() -> tuple[tuple[bytes, int], ...]:
     return tuple(points)
 
 
-def make_file_system_read_only(writable: list[str], points: tuple = ()) -> None:
-    """In the child, before exec (as root): a mount namespace of its own where everything is
-    read-only but `writable` (the job's folder), so a program cannot write outside it, not even
-    into /tmp or /dev/shm. The namespace (and these mounts) go away with the program."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNS) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+def make_file_system_read_only(writable: list[str], points: tuple) -> None:
+    """In a fresh mount namespace (as root): everything read-only but `writable` (the job's
+    folder), so a program cannot write outside it, not even into /tmp or /dev/shm. The namespace
+    (and these mounts) go away with the program."""
+    check(libc().mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     for path in writable:  # a mount of its own, so making its parent read-only leaves it writable
-        if libc.mount(path.encode(), path.encode(), None, MS_BIND | MS_REC, None) != 0:
-            raise OSError(ctypes.get_errno(), f"bind {path}")
+        check(libc().mount(path.encode(), path.encode(), None, MS_BIND | MS_REC, None), f"bind {path}")
     keep = {path.encode() for path in writable}
-    for point, flags in points:  # read in the parent: the child's list would hold the binds above
+    for point, flags in points:  # read before the binds above, which would be in the list
         if point not in keep:
-            libc.mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
-    os.chdir(writable[0])  # the working directory, through the writable bind (not the folder beneath it)
+            libc().mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
+
+
+_isolation_lock = threading.Lock()
+
+
+def isolation() -> str:
+    """How programs are isolated on this machine: namespaces (root), bubblewrap, or rlimits only."""
+    with _isolation_lock:  # probed once: workers asking at once wait for that probe
+        return probe_isolation()
 
 
 @functools.cache
-def isolation() -> str:
-    """How programs are isolated on this machine: namespaces (root), bubblewrap, or rlimits only."""
-    probe = [python_interpreter(), "-c", "pass"]
-    if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("setpriv"):
+def probe_isolation() -> str:
+    probe = Step([python_interpreter(), "-c", "pass"], Limits(timeout=60.0))
+    if os.geteuid() == 0:
         with tempfile.TemporaryDirectory() as folder:
-            points = mount_points()
             try:
-                if subprocess.run(namespace_prefix(sandbox_uid(0)) + probe, capture_output=True, timeout=60,
-                                  preexec_fn=lambda: make_file_system_read_only([folder], points)).returncode == 0:
+                returncode, _, _ = run_step(probe, folder, sandbox_uid(0), "namespaces", "probe")
+                if returncode == 0:
                     return "namespaces"
-            except subprocess.SubprocessError:
-                pass  # no mount namespaces here
+            except OSError:
+                pass  # the launcher could not start (cannot happen on Linux): no namespaces either
     if shutil.which("bwrap"):
-        if subprocess.run(bubblewrap_prefix(tempfile.gettempdir()) + probe, capture_output=True, timeout=60).returncode == 0:
+        if subprocess.run(bubblewrap_prefix(tempfile.gettempdir()) + probe.command, capture_output=True, timeout=60).returncode == 0:
             return "bubblewrap"
     return "rlimits"
 
@@ -185,41 +200,9 @@ def slot_cache(slot: int, uid: int | None) -> str:
         return _slot_caches[slot]
 
 
-def namespace_prefix(uid: int) -> list[str]:
-    # New PID namespace (the program is PID 1's child tree; all die with it) and a network
-    # namespace with only a loopback that is down; then drop to the slot's uid with no capabilities.
-    return ["unshare", "--pid", "--net", "--fork", "--kill-child",
-            "setpriv", f"--reuid={uid}", f"--regid={NOBODY_GID}", "--clear-groups", "--no-new-privs"]
-
-
 def bubblewrap_prefix(work_dir: str) -> list[str]:
     return ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--bind", work_dir, work_dir,
             "--unshare-all", "--die-with-parent", "--new-session", "--chdir", work_dir]
-
-
-def limit_resources(limits: Limits, drop_to_uid: int | None, writable: list[str] | None = None):
-    """Runs in the child between fork and exec: own session (process group), resource limits,
-    (namespaces) a read-only file system but for `writable`, and (root without namespaces) the
-    switch to the slot's uid."""
-    points = mount_points() if writable else ()
-
-    def apply():
-        os.setsid()
-        if writable:
-            make_file_system_read_only(writable, points)
-        cpu = int(limits.timeout) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        memory = limits.memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        size = limits.file_size_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if drop_to_uid is not None:
-            os.setgroups([])
-            os.setgid(NOBODY_GID)
-            os.setuid(drop_to_uid)
-    return apply
 
 
 def python_job(code: str, limits: Limits = Limits()) -> Job:
@@ -233,53 +216,42 @@ def python_job(code: str, limits: Limits = Limits()) -> Job:
 
 
 def run_step(step: Step, work_dir: str, uid: int | None, mode: str, log_name: str, slot: int = 0) -> tuple[int | None, bool, str]:
-    """One command in the sandbox: (exit status or None, timed out, the end of its stderr)."""
+    """One command in the sandbox, started by the slot's launcher: (exit status or None, timed
+    out, the end of its stderr)."""
     work = Path(work_dir)
-    prefix = {"namespaces": namespace_prefix(uid) if uid is not None else [],
-              "bubblewrap": bubblewrap_prefix(work_dir)}.get(mode, [])
-    drop_to_uid = uid if mode == "rlimits" and uid is not None else None
     environment = {"PATH": SANDBOX_PATH, "HOME": work_dir, "TMPDIR": work_dir, "LANG": "C.UTF-8", **step.environment}
-    writable = [work_dir] if mode == "namespaces" else None
+    writable = [work_dir]
     if any("{slot_cache}" in value for value in environment.values()):
         cache = slot_cache(slot, uid)
         environment = {name: value.replace("{slot_cache}", cache) for name, value in environment.items()}
-        writable = writable and writable + [cache]
-    with open(work / f".{log_name}.out", "wb") as stdout, open(work / f".{log_name}.err", "wb") as stderr:
-        if uid is not None:
-            os.chown(stdout.name, uid, NOBODY_GID)
-            os.chown(stderr.name, uid, NOBODY_GID)
-        process = subprocess.Popen(
-            prefix + step.command, cwd=work_dir, env=environment, stdin=subprocess.DEVNULL, stdout=stdout,
-            stderr=stderr, preexec_fn=limit_resources(step.limits, drop_to_uid, writable),
-        )
-        try:
-            returncode, timed_out = wait_for(process, step.limits.timeout)
-        finally:
-            kill_group(process)
-    output = (work / f".{log_name}.err").read_bytes()[-step.limits.output_bytes:]
+        writable.append(cache)
+    prefix = bubblewrap_prefix(work_dir) if mode == "bubblewrap" else []
+    cpu_seconds = int(step.limits.timeout) + 1
+    reply = launcher(slot).start({
+        "argv": prefix + step.command, "cwd": work_dir, "env": environment,
+        "stdout": str(work / f".{log_name}.out"), "stderr": str(work / f".{log_name}.err"),
+        "uid": uid, "gid": NOBODY_GID, "namespaces": mode == "namespaces", "writable": writable,
+        "timeout": step.limits.timeout,
+        "rlimits": {"RLIMIT_CPU": cpu_seconds, "RLIMIT_AS": step.limits.memory_mb * 2**20,
+                    "RLIMIT_FSIZE": step.limits.file_size_mb * 2**20, "RLIMIT_NPROC": step.limits.processes,
+                    "RLIMIT_CORE": 0},
+    })
+    output = read_tail(work / f".{log_name}.err", step.limits.output_bytes)
     if not output.strip():  # some harnesses (go test, javac) report on stdout
-        output = (work / f".{log_name}.out").read_bytes()[-step.limits.output_bytes:]
-    return returncode, timed_out, output.decode("utf-8", errors="replace").strip()
+        output = read_tail(work / f".{log_name}.out", step.limits.output_bytes)
+    return reply["returncode"], reply["timed_out"], output.decode("utf-8", errors="replace").strip()
 
 
-def wait_for(process: subprocess.Popen, timeout: float) -> tuple[int | None, bool]:
-    """(exit status, timed out), noticed the moment the process ends: Popen.wait(timeout) polls
-    with sleeps of up to 50 ms, which for short programs costs more than running them."""
+def read_tail(path: Path, size: int) -> bytes:
+    """The last `size` bytes of a file the program could have replaced: never through a symlink
+    (the harness reads as root)."""
     try:
-        pidfd = os.pidfd_open(process.pid)
-    except (AttributeError, OSError):  # no pidfd (Linux < 5.3): Popen's polling wait
-        try:
-            return process.wait(timeout=timeout), False
-        except subprocess.TimeoutExpired:
-            return None, True
-    try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        if not poller.poll(max(1, int(timeout * 1000))):
-            return None, True
-        return process.wait(), False
-    finally:
-        os.close(pidfd)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return b""
+    with open(descriptor, "rb") as file:
+        file.seek(max(0, os.fstat(descriptor).st_size - size))
+        return file.read(size)
 
 
 def give_to(work: Path, uid: int | None) -> None:
@@ -347,15 +319,6 @@ def run_program(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
     return run_job(python_job(code, limits), slot)
 
 
-def kill_group(process: subprocess.Popen) -> None:
-    """Kill the program and everything it started (its session; in namespaces, the whole PID namespace)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
-
-
 def run_programs(programs: list, limits: Limits = Limits(), workers: int | None = None,
                  progress: bool = True) -> list[Outcome]:
     """Run many programs (Python source strings, or Jobs), `workers` at a time (threads waiting on
@@ -373,6 +336,8 @@ def run_programs(programs: list, limits: Limits = Limits(), workers: int | None 
         finally:
             free_slots.put(slot)
 
+    from tqdm.auto import tqdm  # here: the launcher runs this file with the standard library only
+
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(jobs), desc="Executing", unit="program", disable=not progress) as bar:
         futures = [pool.submit(run_in_a_slot, job) for job in jobs]
@@ -381,3 +346,181 @@ def run_programs(programs: list, limits: Limits = Limits(), workers: int | None 
             outcomes.append(future.result())
             bar.update(1)
     return outcomes
+
+
+# ---- The launcher -------------------------------------------------------------------------------
+# Starting a program takes work between fork and exec: limits, namespaces, mounts, the uid switch.
+# Done by the harness (Popen's preexec_fn), that is a fork of the harness itself, and a harness with
+# torch imported (~350 MB resident) takes 25-45 ms to fork, against 1-2 ms without torch: more than
+# a HumanEval program takes to run. So each worker slot has a launcher instead: this very file run
+# as a process of its own with the standard library only (-I -S, ~20 MB), started once, that forks
+# one child per step and makes the system calls that `unshare` and `setpriv` made (two execs a step
+# fewer). It takes one JSON request per line on stdin and answers one JSON line on stdout; the
+# slot's thread waits for the answer.
+
+
+class Launcher:
+    """The harness's end of one launcher process."""
+
+    def __init__(self):
+        # No preexec_fn here, so this Popen is a vfork + exec, cheap even from a big harness.
+        self.process = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={})
+        self.lock = threading.Lock()
+
+    def start(self, request: dict) -> dict:
+        """Run one step; {"returncode": exit status (negative: killed by that signal) or None, "timed_out": bool}."""
+        with self.lock:
+            self.process.stdin.write(json.dumps(request).encode() + b"\n")
+            self.process.stdin.flush()
+            reply = self.process.stdout.readline()
+        if not reply:
+            raise OSError(f"the sandbox launcher died (exit status {self.process.wait()})")
+        return json.loads(reply)
+
+    def close(self) -> None:
+        self.process.stdin.close()  # the launcher sees the end of its input and exits
+        self.process.wait()
+
+
+_launchers: dict = {}
+_launchers_lock = threading.Lock()
+
+
+def launcher(slot: int) -> Launcher:
+    """The launcher of worker slot `slot`, started on first use (again if it died)."""
+    with _launchers_lock:
+        if slot not in _launchers or _launchers[slot].process.poll() is not None:
+            if not _launchers:
+                atexit.register(lambda: [each.close() for each in _launchers.values()])
+            _launchers[slot] = Launcher()
+        return _launchers[slot]
+
+
+def serve() -> None:
+    """The launcher's loop: one step at a time, until the harness closes its end (or dies)."""
+    mount_points()  # read once, here, outside every program's mount namespace
+    libc()  # loaded once, not in every child
+    if os.geteuid() == 0:
+        own_pid_namespace()
+    for line in sys.stdin.buffer:
+        reply = launch(json.loads(line))
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+def launch(request: dict) -> dict:
+    """Start one step in a child of its own, wait for it (at most its timeout), kill whatever is
+    left of it, and report how it ended."""
+    # Its output files, opened here as root: never through a symlink left by an earlier step.
+    output_flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    outputs = [os.open(request[name], output_flags, 0o600) for name in ("stdout", "stderr")]
+    if request["uid"] is not None:
+        for descriptor in outputs:
+            os.fchown(descriptor, request["uid"], request["gid"])
+    try:
+        pid = fork_step_child(request["namespaces"])
+    except OSError as error:  # no namespaces here (say, a container without the rights): the step fails
+        os.write(outputs[1], f"sandbox: {error}\n".encode())
+        pid = None
+    if pid == 0:
+        try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(outputs[0], 1)
+            os.dup2(outputs[1], 2)
+            start_step(request)
+        except BaseException as error:  # whatever went wrong, the child must not go on as the launcher
+            os.write(2, f"sandbox: cannot start {request['argv'][0]}: {error}\n".encode())
+        finally:
+            os._exit(127)
+    for descriptor in outputs:
+        os.close(descriptor)
+    if pid is None:
+        return {"returncode": 127, "timed_out": False}
+    ended = wait_for_exit(pid, request["timeout"])
+    kill_session(pid)  # exited or not; in namespaces it is PID 1, whose death ends its whole namespace
+    _, status = os.waitpid(pid, 0)  # reaped only now: until then nobody else can get its pid (nor its group's)
+    if not ended:
+        return {"returncode": None, "timed_out": True}
+    return {"returncode": os.waitstatus_to_exitcode(status), "timed_out": False}
+
+
+@functools.cache
+def own_pid_namespace() -> int:
+    return os.open("/proc/self/ns/pid", os.O_RDONLY)
+
+
+def fork_step_child(namespaces: bool) -> int:
+    """os.fork(), the child (namespaces) as PID 1 of a new PID namespace. Such a namespace is asked
+    for before the fork and only takes effect for children (as `unshare --fork`); the launcher
+    then goes back to its own, so that each step gets a fresh one."""
+    if not namespaces:
+        return os.fork()
+    check(libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:  # the launcher (also when the fork failed), not the child
+            check(libc().setns(own_pid_namespace(), CLONE_NEWPID), "setns(own PID namespace)")
+    return pid
+
+
+def kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # all its processes have ended
+        pass
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Whether the child `pid` ended within `timeout` seconds, noticed the moment it does (a
+    pidfd), without reaping it. The harness closing its end also ends the wait, the step and the
+    launcher."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(sys.stdin.fileno(), select.POLLIN)  # input while a step runs: only the harness going away
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3): look every 10 ms
+        pidfd = None
+    else:
+        poller.register(pidfd, select.POLLIN)
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            events = dict(poller.poll(max(1, int(left * 1000)) if pidfd is not None else 10))
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            if sys.stdin.fileno() in events:
+                kill_session(pid)
+                sys.exit(0)
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def start_step(request: dict) -> None:
+    """In the launcher's child: its own session, then (namespaces) new network and mount
+    namespaces with a read-only file system, then the limits and the slot's uid, then exec."""
+    os.setsid()  # its own process group, which the launcher kills at the end
+    if request["namespaces"]:  # the network namespace holds only a loopback that is down
+        check(libc().unshare(CLONE_NEWNET | CLONE_NEWNS), "unshare")
+        make_file_system_read_only(request["writable"], mount_points())
+    os.chdir(request["cwd"])  # after the mounts: through the writable bind, not the folder beneath it
+    for name, value in request["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+    if request["uid"] is not None:
+        os.setgroups([])
+        os.setresgid(request["gid"], request["gid"], request["gid"])
+        os.setresuid(request["uid"], request["uid"], request["uid"])  # and with it all capabilities go
+    check(libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    # If the launcher dies, so does the program (and, as PID 1, its namespace). Set after the uid
+    # switch, which clears it.
+    check(libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+    argv = request["argv"]
+    os.execvpe(argv[0], argv, request["env"])
+
+
+if __name__ == "__main__":
+    serve()
