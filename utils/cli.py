@@ -13,6 +13,9 @@ def run_cli(component, argv: list[str] | None = None) -> None:
     cause) is printed first."""
     import fire  # here, so that importing a stage as a library (benchmarks, tests) needs no fire
 
+    # Piped to a file or `tee`, Python holds stdout back in blocks: the log would show nothing for
+    # minutes (a training run's loss lines), then everything, out of order with stderr's notices.
+    sys.stdout.reconfigure(line_buffering=True)
     try:
         fire.Fire(component, command=argv)
     except CodeUpError as error:
