@@ -308,12 +308,6 @@ def meta_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
-def hf_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse: Meta's interleaved layout -> HF's (what transformers' converter applies)."""
-    rows, columns = weight.shape
-    return weight.reshape(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
-
-
 META_NAMES = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
     (r"model\.norm\.weight", "norm.weight"),
