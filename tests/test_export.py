@@ -90,6 +90,7 @@ def test_pytorch_export_converts_back_to_the_merged_weights(tiny_llama_dir, tmp_
         result = run_export("--base_model", tiny_llama_dir, "--lora_weights", tmp_path / "adapter",
                             "--export_dir", tmp_path / "out", "--dtype", "float32", "--checkpoint_type", kind)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "\r" not in result.stderr  # stderr is a pipe, as a log file would be: no progress bar redrawn into it
     merged = load_file(str(tmp_path / "out" / "hf_ckpt" / "model.safetensors"))
     meta = torch.load(tmp_path / "out" / "ckpt" / "consolidated.00.pth")
     params = json.loads((tmp_path / "out" / "ckpt" / "params.json").read_text())
