@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.logs import progress_bars_wanted  # first: known-harmless library notices off; in a log file, no progress bars
 from utils.benchmarks import load_humaneval, load_mbpp
 from utils.cli import parse_list, run_cli
 from utils import multilingual
@@ -374,7 +375,7 @@ def main(
             sample["task"] = problem["task"]  # the samples come in the order of the requests
 
     programs = [build_program(s["task"], by_key[s["task"], s["task_id"]], s["code"], timeout) for s in samples]
-    outcomes = run_programs(programs, Limits(timeout=timeout), workers=workers)
+    outcomes = run_programs(programs, Limits(timeout=timeout), workers=workers, progress=progress_bars_wanted())
 
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from utils.logs import logger, progress_bars_wanted  # first: before tqdm is imported, so that a log file gets no bars
+
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -42,7 +44,6 @@ from transformers import AutoConfig, AutoTokenizer
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
 from utils.files import read_json
-from utils.logs import logger
 from utils.precision import resolve_precision, torch_dtype
 from utils.model_loading import DEFAULT_BASE_MODEL, load_tokenizer, resolve_model_reference
 from utils.prompter import Prompter, chat_template, ollama_template, read_template_record, resolve_prompt_template
@@ -308,12 +309,6 @@ def meta_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
-def hf_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse: Meta's interleaved layout -> HF's (what transformers' converter applies)."""
-    rows, columns = weight.shape
-    return weight.reshape(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
-
-
 META_NAMES = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
     (r"model\.norm\.weight", "norm.weight"),
@@ -573,7 +568,8 @@ def main(
             path = convert_to_gguf(merged, staging / f"ggml-model-{GGUF_SUFFIX[dtype]}.gguf", dtype)
             shutil.rmtree(merged)
             write_modelfile(path, template, tokenizer)
-            for quantization in tqdm(quantizations, desc="Quantizing", unit="file", disable=not quantizations):
+            bars = bool(quantizations) and progress_bars_wanted()
+            for quantization in tqdm(quantizations, desc="Quantizing", unit="file", disable=not bars):
                 write_modelfile(quantize_gguf(path, quantization), template, tokenizer)
         else:
             write_gguf_lora(adapter, base, files, config, staging, dtype, max_shard_bytes, tokenizer, template, bool(extra))

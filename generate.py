@@ -16,11 +16,12 @@ import json
 import os
 from pathlib import Path
 
+from utils.logs import logger  # first: it silences known-harmless notices before the libraries print them
+
 import torch
 
 from utils.cli import run_cli
 from utils.errors import CodeUpError
-from utils.logs import logger
 from utils.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL

@@ -47,7 +47,7 @@ fi
 train_file="$WORK_DIR/data/$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['output'])" "$data_report")"
 done_in
 
-stage "2/4 finetune: LoRA on $BASE_MODEL, $MAX_STEPS steps"
+stage "2/4 finetune: LoRA on $BASE_MODEL, $MAX_STEPS step$([[ $MAX_STEPS == 1 ]] || echo s)"
 if [[ -f "$WORK_DIR/lora/adapter_model.safetensors" && -f "$WORK_DIR/lora/trainer_state.json" ]]; then
   skip "$WORK_DIR/lora holds a trained adapter"
 else
@@ -105,7 +105,7 @@ echo "   LoRA adapter      $WORK_DIR/lora/   (loss curve: $WORK_DIR/lora/loss.pn
 echo "   merged model      $WORK_DIR/export/hf_ckpt/   llama.cpp: $WORK_DIR/export/gguf/"
 score() { [[ -f "$1" ]] && $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"pass@1 {r['pass@1']:.3f} on {r['problems']} problems\")" "$1" || echo "not scored"; }
 echo "   HumanEval         $(score "$WORK_DIR/eval/humaneval_results.json")   $WORK_DIR/eval/humaneval_results.json"
-[[ $EVAL_TASK2 == none ]] || echo "   $EVAL_TASK2 $(printf '%*s' $((16 - ${#EVAL_TASK2})) '')$(score "$WORK_DIR/eval/${EVAL_TASK2}_results.json")   $WORK_DIR/eval/${EVAL_TASK2}_results.json"
+[[ $EVAL_TASK2 == none ]] || echo "   $EVAL_TASK2 $(printf '%*s' $((17 - ${#EVAL_TASK2})) '')$(score "$WORK_DIR/eval/${EVAL_TASK2}_results.json")   $WORK_DIR/eval/${EVAL_TASK2}_results.json"
 echo "   web demo          $PY generate.py --base_model $WORK_DIR/export/hf_ckpt   then open http://127.0.0.1:7860"
 echo
 echo "== Use your model elsewhere (each export's chat template is the training prompt; README: Use your model):"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import utils.logs  # noqa: E402,F401  (first: in a log file, no progress bars)
 from tqdm.auto import tqdm  # noqa: E402
 
 from utils.cli import run_cli  # noqa: E402

@@ -1,6 +1,13 @@
+import ast
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
-from utils.cli import parse_list
+from conftest import ROOT
+from utils.cli import one_line_arg_descriptions, parse_list
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -15,3 +22,43 @@ from utils.cli import parse_list
 ])
 def test_parse_list_accepts_every_spelling(value, expected):
     assert parse_list(value) == expected
+
+
+def test_a_stage_piped_to_a_log_writes_each_line_as_it_comes():
+    stage = ("import sys\nfrom utils.cli import run_cli\n"
+             "def main():\n    print('step 1')\n    print('a notice', file=sys.stderr)\n    print('step 2')\n"
+             "run_cli(main)\n")
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", stage], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert result.stdout == "step 1\na notice\nstep 2\n"  # not held back until exit
+
+
+STAGES = ["data/preprocess.py", "data/download.py", "finetune.py", "generate.py", "evaluate.py", "export_checkpoint.py"]
+
+
+def documented_args(docstring: str) -> dict[str, str]:
+    """Each `Args:` entry's whole text, read by indentation alone."""
+    section = docstring.split("Args:", 1)[1]
+    entries, name = {}, None
+    for line in section.splitlines():
+        if match := re.fullmatch(r" {8}(\w+): (.*)", line):
+            name, entries[name] = match.group(1), match.group(2)
+        elif name and line.startswith(" " * 12):
+            entries[name] += " " + line.strip()
+        elif line.strip():
+            break
+    return entries
+
+
+@pytest.mark.parametrize("script", STAGES)
+def test_help_shows_every_flags_whole_description(script):
+    from fire import docstrings
+
+    tree = ast.parse((ROOT / script).read_text())
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in ("main", "train")]
+    docstring = next(node.body[0].value.value for node in functions if ast.get_docstring(node, clean=False))
+    expected = documented_args(docstring)
+    assert len(expected) >= 4
+    parsed = {arg.name: " ".join(arg.description.split()) for arg in docstrings.parse(one_line_arg_descriptions(docstring)).args}
+    assert parsed == {name: " ".join(text.split()) for name, text in expected.items()}

@@ -61,6 +61,8 @@ def test_empty_completions_score_zero(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     scores, _ = results(tmp_path / "out")
     assert scores["pass@1"] == 0.0 and scores["passed"] == 0
+    # stderr is a pipe here, as a log file would be: no progress bar redrawn into it
+    assert "\r" not in result.stderr and "\x1b[" not in result.stderr and "Executing" not in result.stderr
 
 
 @pytest.mark.parametrize("n, c, k, expected", [

@@ -76,6 +76,13 @@ def test_hf_export_is_sharded_and_serves_generate(smollm2_dir, tmp_path):
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-3000:]
 
 
+def hf_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary layout -> HF's, as transformers' Llama converter applies it: the
+    inverse of export_checkpoint.meta_permute, written independently of it."""
+    rows, columns = weight.shape
+    return weight.reshape(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
 @pytest.mark.slow
 def test_pytorch_export_converts_back_to_the_merged_weights(tiny_llama_dir, tmp_path):
     make_adapter(str(tiny_llama_dir), tmp_path / "adapter")
@@ -83,6 +90,7 @@ def test_pytorch_export_converts_back_to_the_merged_weights(tiny_llama_dir, tmp_
         result = run_export("--base_model", tiny_llama_dir, "--lora_weights", tmp_path / "adapter",
                             "--export_dir", tmp_path / "out", "--dtype", "float32", "--checkpoint_type", kind)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "\r" not in result.stderr  # stderr is a pipe, as a log file would be: no progress bar redrawn into it
     merged = load_file(str(tmp_path / "out" / "hf_ckpt" / "model.safetensors"))
     meta = torch.load(tmp_path / "out" / "ckpt" / "consolidated.00.pth")
     params = json.loads((tmp_path / "out" / "ckpt" / "params.json").read_text())
@@ -92,9 +100,9 @@ def test_pytorch_export_converts_back_to_the_merged_weights(tiny_llama_dir, tmp_
     for name, tensor in merged.items():
         meta_tensor = meta[export_checkpoint.meta_name(name)]
         if name.endswith("q_proj.weight"):
-            meta_tensor = export_checkpoint.hf_permute(meta_tensor, params["n_heads"])
+            meta_tensor = hf_permute(meta_tensor, params["n_heads"])
         elif name.endswith("k_proj.weight"):
-            meta_tensor = export_checkpoint.hf_permute(meta_tensor, params["n_kv_heads"])
+            meta_tensor = hf_permute(meta_tensor, params["n_kv_heads"])
         back[name] = meta_tensor
         assert torch.equal(meta_tensor, tensor), name
     assert back.keys() == merged.keys()

@@ -49,3 +49,12 @@ def test_top_k_lists_the_most_probable_languages_first(guesslang):
     [(name, top)] = guesslang.detect([SNIPPETS["Python"]], top_k=3)
     assert name == "Python" and top[0] == "Python" and len(top) == 3
     assert len(guesslang.languages) == 54 and len(set(guesslang.languages)) == 54
+
+
+def test_the_progress_bar_shows_only_where_it_can_redraw(guesslang, capsys, monkeypatch):
+    monkeypatch.delenv("CODEUP_PROGRESS", raising=False)  # pytest's stderr is not a terminal: a log file
+    guesslang.detect(list(SNIPPETS.values()), progress=True)
+    assert "Guesslang" not in capsys.readouterr().err
+    monkeypatch.setenv("CODEUP_PROGRESS", "1")
+    guesslang.detect(list(SNIPPETS.values()), progress=True)
+    assert "Guesslang" in capsys.readouterr().err

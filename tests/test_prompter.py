@@ -51,26 +51,13 @@ def test_unicode_and_braces_in_data_are_kept_verbatim():
     assert instruction in prompt and "f'{name}'" in prompt
 
 
-def test_get_response_after_the_prompt_and_up_to_the_next_section():
-    prompter = Prompter()
-    generated = ALPACA_NO_INPUT + "  return sorted(x)\n\n### Instruction:\nAnother task\n\n### Response:\nmore"
-    assert prompter.get_response(generated) == "return sorted(x)"
-    assert prompter.get_response(generated, prompt=ALPACA_NO_INPUT) == "return sorted(x)"
-
-
-def test_get_response_when_the_instruction_itself_contains_the_header():
-    prompter = Prompter()
-    prompt = prompter.generate_prompt("Explain what '### Response:' means here.")
-    assert prompter.get_response(prompt + "It is a header.", prompt=prompt) == "It is a header."
-
-
 def test_response_from_a_continuation_stops_at_the_next_section():
     continuation = "\n```python\nsorted(x)\n```\n\n### Instruction:\nMore\n\n### Response:\nnot this"
     assert Prompter().response_from_continuation(continuation) == "```python\nsorted(x)\n```"
 
 
-def test_get_response_without_a_header_returns_the_stripped_text():
-    assert Prompter().get_response("  just an answer \n") == "just an answer"
+def test_response_without_a_header_is_the_stripped_text():
+    assert Prompter().response_from_continuation("  just an answer \n") == "just an answer"
 
 
 def test_template_from_a_path(tmp_path):
@@ -81,7 +68,7 @@ def test_template_from_a_path(tmp_path):
     }))
     prompter = Prompter(str(path))
     assert prompter.generate_prompt("hi", "there") == "Q: hi / there\nA:"
-    assert prompter.get_response("Q: hi\nA: hello") == "hello"
+    assert prompter.response_from_continuation(" hello\nA: and more") == "hello"  # its own header ends the answer
 
 
 def test_bad_templates_raise_clear_errors(tmp_path):

@@ -13,6 +13,11 @@ def run_cli(component, argv: list[str] | None = None) -> None:
     cause) is printed first."""
     import fire  # here, so that importing a stage as a library (benchmarks, tests) needs no fire
 
+    # Piped to a file or `tee`, Python holds stdout back in blocks: the log would show nothing for
+    # minutes (a training run's loss lines), then everything, out of order with stderr's notices.
+    sys.stdout.reconfigure(line_buffering=True)
+    if getattr(component, "__doc__", None):
+        component.__doc__ = one_line_arg_descriptions(component.__doc__)
     try:
         fire.Fire(component, command=argv)
     except CodeUpError as error:
@@ -21,6 +26,27 @@ def run_cli(component, argv: list[str] | None = None) -> None:
         message = " ".join(str(error).split("\n"))  # one line, whatever the message holds
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line_arg_descriptions(docstring: str) -> str:
+    """The docstring with each entry of its `Args:` section on one line. fire's parser (0.7) keeps
+    only the text before the first colon of a continuation line, and reads `word (x:` as another
+    argument, so `--help` showed "(default" for "(default: ...)" and lost the rest of the entry."""
+    lines, section_indent, entry_indent = [], None, None
+    for line in docstring.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if line.strip() == "Args:":
+            section_indent, entry_indent = indent, None
+        elif section_indent is not None and line.strip():
+            if indent <= section_indent:  # the next section, or the end of the docstring
+                section_indent = None
+            elif entry_indent is None or indent <= entry_indent:  # an argument's first line
+                entry_indent = indent
+            elif lines[-1].strip():  # a continuation: onto its entry's line
+                lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
+                continue
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def parse_list(value) -> list[str]:

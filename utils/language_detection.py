@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from utils.errors import CodeUpError
+from utils.logs import TENSORFLOW_IMPORT_NOTICES, native_notices_dropped, progress_bars_wanted
 
 
 def guesslang_data_dir() -> Path:
@@ -31,7 +32,8 @@ class Guesslang:
 
     def __init__(self, model_dir: str | None = None):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's startup chatter (errors still raise)
-        import tensorflow as tf
+        with native_notices_dropped(TENSORFLOW_IMPORT_NOTICES):  # what that setting no longer reaches
+            import tensorflow as tf
 
         data_dir = guesslang_data_dir()
         self._tf = tf
@@ -51,7 +53,7 @@ class Guesslang:
         texts = list(texts)
         results: list[tuple[str | None, list[str]]] = [(None, [])] * len(texts)
         todo = [i for i, text in enumerate(texts) if text.strip()]
-        bar = tqdm(total=len(todo), desc="Guesslang", unit="text", disable=not progress)
+        bar = tqdm(total=len(todo), desc="Guesslang", unit="text", disable=not (progress and progress_bars_wanted()))
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             for i, scores in zip(batch, self.probabilities([texts[i] for i in batch])):

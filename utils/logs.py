@@ -5,9 +5,11 @@
     logger.warning("the page listens on 0.0.0.0: other machines on your network can use it")
 """
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import warnings
 
 
@@ -71,6 +73,38 @@ def silence_notice(logger_name: str, text: str) -> None:
 silence_notice("bitsandbytes.backends.cpu.ops", "from kernels-community")
 # transformers 5 deprecates a name that PEFT and the Trainer themselves still call.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+# TensorFlow (under Guesslang's model) writes these from C++ while it is imported, twice, straight to
+# file descriptor 2: since TensorFlow 2.19 TF_CPP_MIN_LOG_LEVEL no longer reaches them
+# (tensorflow/tensorflow#100442), and the data stage runs on the CPU by design.
+TENSORFLOW_IMPORT_NOTICES = (
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on",
+    "Could not find cuda drivers on your machine, GPU will not be used",
+)
+
+
+@contextlib.contextmanager
+def native_notices_dropped(notices: tuple[str, ...]):
+    """While the block runs, hold back what native code writes to file descriptor 2 (where Python's
+    logging and warnings filters cannot reach), then pass every line on except those that contain
+    one of `notices`. Output order is kept; an exception in the block still shows everything."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(notice in line for notice in notices):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def progress_bars_wanted() -> bool:

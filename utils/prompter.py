@@ -114,12 +114,11 @@ class Prompter:
 
     def __init__(self, template_name: str | dict = DEFAULT_TEMPLATE):
         self.template = load_template(template_name)
-        self.response_split = self.template["response_split"]
         # The section headers of the template ("### Instruction:", ...): when the model starts a
         # new section, its answer is over.
         self.section_headers = sorted(
             set(re.findall(r"^#+ [^\n{}]*:", self.template["prompt_input"], flags=re.MULTILINE))
-            | {self.response_split}
+            | {self.template["response_split"]}
         )
 
     def generate_prompt(self, instruction: str, input: str | None = None, label: str | None = None) -> str:
@@ -129,17 +128,6 @@ class Prompter:
         else:
             prompt = self.template["prompt_no_input"].format(instruction=instruction)
         return prompt + label if label else prompt
-
-    def get_response(self, output: str, prompt: str | None = None) -> str:
-        """The answer in `output`: the text after the prompt (given, or up to the first response header),
-        cut where the model starts another section of the template."""
-        if prompt is not None and output.startswith(prompt):
-            response = output[len(prompt):]
-        elif self.response_split in output:
-            response = output.split(self.response_split, 1)[1]
-        else:
-            response = output
-        return self.response_from_continuation(response)
 
     def response_from_continuation(self, text: str) -> str:
         """The answer in text generated after the prompt: up to where the model starts another
