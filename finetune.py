@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import transformers
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from peft.helpers import disable_input_dtype_casting
 
 from utils.attention import PER_EXAMPLE_SDPA
 from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
@@ -542,12 +541,6 @@ class Trainer(transformers.Trainer):
     transformers' own loss."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Under mixed precision, autocast runs every matmul in 16 bits: PEFT's cast of each
-        # adapter's input to the adapter's float32 would be a copy that autocast casts right back.
-        with disable_input_dtype_casting(model, active=self.args.bf16 or self.args.fp16):
-            return self.chunked_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-    def chunked_loss(self, model, inputs, *, return_outputs, num_items_in_batch):
         head = head_of(self.accelerator.unwrap_model(model))
         if (return_outputs or head is None or "labels" not in inputs or self.label_smoother is not None
                 or self.compute_loss_func is not None or self.args.n_gpu > 1):

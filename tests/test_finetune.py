@@ -323,6 +323,17 @@ def test_8bit_base_checkpoints_activations_by_default_with_the_same_loss(tiny_ll
     assert losses(default) == pytest.approx(losses(plain), abs=1e-4)
 
 
+def test_bf16_with_checkpointing_trains_as_without(tiny_llama_dir, data_file, tmp_path):
+    """Mixed precision (autocast) with activation checkpointing: the recomputed forward must match
+    the first one (a forward that depends on state the recompute does not see fails here)."""
+    flags = dict(precision="bf16", max_steps=2)
+    with_checkpointing = finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "ckpt", gradient_checkpointing=True, **flags))
+    without = finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "plain", **flags))
+    losses = lambda trainer: [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses(with_checkpointing)) == 2
+    assert losses(with_checkpointing) == pytest.approx(losses(without), abs=1e-2)
+
+
 def test_full_precision_base_does_not_checkpoint_by_default(tiny_llama_dir, data_file, tmp_path):
     finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "fp32", max_steps=1))
     args = torch.load(tmp_path / "fp32" / "training_args.bin", weights_only=False)
