@@ -127,9 +127,6 @@ class Generator:
                 parts[0] = self.prompter.generate_prompt(f"{system}\n\n{user}", label=answer)
         return "\n\n".join([*parts, self.prompter.generate_prompt(pending or "")])
 
-    def count_tokens(self, prompt: str, add_special_tokens=None) -> int:
-        return self._inputs([prompt], add_special_tokens)["input_ids"].shape[1]
-
     def stream_completion(self, prompt: str, *, temperature: float, top_p: float, max_new_tokens: int, stop=(),
                           seed=None, cancel: threading.Event | None = None, add_special_tokens=None, strip=True):
         """The API's generation: yields text deltas, then one Completion. The deltas join to the

@@ -314,11 +314,6 @@ def run_job(job: Job, slot: int = 0) -> Outcome:
     return Outcome(False, "failed", message[: job.run.limits.output_bytes], seconds)
 
 
-def run_program(code: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
-    """Run one Python program; it passes when it exits 0 having run to its last line."""
-    return run_job(python_job(code, limits), slot)
-
-
 def run_programs(programs: list, limits: Limits = Limits(), workers: int | None = None,
                  progress: bool = True) -> list[Outcome]:
     """Run many programs (Python source strings, or Jobs), `workers` at a time (threads waiting on
