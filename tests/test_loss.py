@@ -90,3 +90,25 @@ def test_heads_with_more_than_a_matmul_keep_transformers_loss():
                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     assert config.final_logit_softcapping  # Gemma 2 soft-caps its logits
     assert chunked.head_of(transformers.AutoModelForCausalLM.from_config(config)) is None
+
+
+def test_trainer_runs_the_head_in_the_mixed_precision_of_the_forward(tiny_llama_dir, data_file, monkeypatch):
+    """A quantized base keeps its head in float32 (PEFT upcasts it); the Trainer autocasts only the
+    model's forward. The chunked head must still run in bf16, as the model's own head would."""
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    train, _ = tokenize(finetune.load_records(str(data_file)), tokenizer)
+    batch = transformers.DataCollatorWithFlattening()(list(train)[:4])
+    model = lora_model(tiny_llama_dir, tokenizer, dtype=torch.float32)
+    assert model.get_base_model().lm_head.weight.dtype == torch.float32
+    args = transformers.TrainingArguments(output_dir="/tmp/unused", use_cpu=True, bf16=True, report_to="none")
+    trainer = finetune.Trainer(model=model, args=args)
+    seen = []
+    apply = chunked.LinearCrossEntropy.apply
+    monkeypatch.setattr(chunked.LinearCrossEntropy, "apply",
+                        lambda hidden, weight, *rest: seen.append((hidden.dtype, weight.dtype)) or apply(hidden, weight, *rest))
+    forward = model.forward  # what the Trainer's accelerate does: autocast around the forward only
+    model.forward = lambda *a, **k: torch.autocast("cpu", dtype=torch.bfloat16)(forward)(*a, **k)
+    loss = trainer.compute_loss(model, dict(batch))
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    theirs = model(**batch).loss
+    assert torch.allclose(loss.float(), theirs.float(), rtol=1e-2)
