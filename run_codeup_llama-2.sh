@@ -18,10 +18,10 @@ $PY data/preprocess.py --data_paths data/code_alpaca_20k.json,data/new_codealpac
 # The filtered file's name depends on the count kept (codeup_19k.json with the full data): read it.
 TRAIN_FILE="data/$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['output'])" data/report.json)"
 
-# An 8-bit base checkpoints activations by default. Measured on an H100 (bench/RESULTS.md), 8-bit
-# Llama-2-7B with checkpointing peaks at 17.2 GiB with micro-batches of 4 x 512 tokens, 26.7 GiB
-# with 8 and 45.5 GiB with the paper's 16: micro-batch 4 fits a 24 GB card, and the batch of 128
-# (32 accumulation steps) trains the same. On an 80 GB card pass --micro_batch_size 16.
+# An 8-bit base checkpoints activations by default (reentrant: see finetune.checkpoint_reentrant).
+# Measured on an H100 (bench/RESULTS.md), 8-bit Llama-2-7B with checkpointing peaks at 15.4 GiB with
+# the paper's micro-batches of 16 x 512 tokens: it fits a 24 GB card. On a 16 GB card pass
+# --micro_batch_size 4 (9.5 GiB; the batch of 128 trains the same, at about half the tokens/s).
 $PY finetune.py \
   --base_model "$BASE_MODEL" \
   --data_path "$TRAIN_FILE" \
@@ -29,7 +29,7 @@ $PY finetune.py \
   --load_in_8bit \
   --lora_target_modules '[q_proj,k_proj,v_proj,o_proj]' \
   --lora_r 16 \
-  --micro_batch_size 4 \
+  --micro_batch_size 16 \
   --num_epochs 10 \
   --cutoff_len 512 \
   --group_by_length \
