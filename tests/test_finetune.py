@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, SHARED_DATA
 
 import finetune  # noqa: E402
+from utils import attention
 from utils.errors import CodeUpError
 from utils.model_loading import load_tokenizer
 from utils.tokenization import IGNORE_INDEX
@@ -189,8 +190,6 @@ def test_explicit_incomplete_checkpoint_is_refused(tmp_path):
 
 
 def test_packed_rows_give_the_same_loss_as_padded_batches(tiny_llama_dir, data_file):
-    import transformers
-
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     train, _ = tokenize(finetune.load_records(str(data_file)), tokenizer)
     by_length = sorted(train, key=lambda f: len(f["input_ids"]))
@@ -251,8 +250,6 @@ def test_smollm2_loss_falls_on_real_records(smollm2_dir, tmp_path):
 def test_no_token_attends_across_examples(tiny_llama_dir, data_file, monkeypatch):
     """The logits of each example inside a packed row equal its logits alone, and no attention
     call spans more than one example (no cross-example compute, no mask over the row)."""
-    import transformers
-
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     train, _ = tokenize(finetune.load_records(str(data_file)), tokenizer)
     features = [train[0], train[5], train[-1]]
@@ -262,12 +259,11 @@ def test_no_token_attends_across_examples(tiny_llama_dir, data_file, monkeypatch
     packed = transformers.DataCollatorWithFlattening()(features)
 
     seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, attn_mask=None, **kw: seen.append((q.shape[2], attn_mask)) or sdpa(q, k, v, attn_mask, **kw))
+    causal_attention = attention.causal_attention  # causal, over one example, with no mask
+    monkeypatch.setattr(attention, "causal_attention", lambda q, k, v, **kw: seen.append(q.shape[2]) or causal_attention(q, k, v, **kw))
     with torch.no_grad():
         together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
-        assert {length for length, _ in seen} == set(lengths) and all(mask is None for _, mask in seen)
+        assert set(seen) == set(lengths)
         start = 0
         for feature, length in zip(features, lengths):
             alone = model(input_ids=torch.tensor([feature["input_ids"]])).logits[0]
@@ -277,8 +273,6 @@ def test_no_token_attends_across_examples(tiny_llama_dir, data_file, monkeypatch
 
 def test_padded_batches_still_use_their_mask(tiny_llama_dir, data_file):
     """sdpa_per_example hands batches with padding to transformers' masked SDPA: same loss as sdpa."""
-    import transformers
-
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     train, _ = tokenize(finetune.load_records(str(data_file)), tokenizer)
     padded = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")([train[0], train[-1]])
