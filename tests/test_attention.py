@@ -2,27 +2,38 @@
 
 import pytest
 import torch
+from transformers.integrations.sdpa_attention import repeat_kv
 
 from utils import attention
 
 
-def attention_and_grads(attend, dtype, shape):
+def attention_and_grads(attend, dtype, shape, kv_heads):
     torch.manual_seed(0)
-    query, key, value = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    batch, heads, length, dim = shape
+    query = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    key, value = (torch.randn(batch, kv_heads, length, dim, dtype=dtype, requires_grad=True) for _ in range(2))
     grad_output = torch.randn(*shape, dtype=dtype)
     output = attend(query, key, value)
     output.backward(grad_output)
     return [output.detach(), query.grad, key.grad, value.grad]
 
 
+def reference_attention(query, key, value, scale):
+    """SDPA in float32 over key/value heads repeated for each query head (transformers' repeat_kv)."""
+    key, value = (repeat_kv(t.float(), query.shape[1] // key.shape[1]) for t in (key, value))
+    return torch.nn.functional.scaled_dot_product_attention(query.float(), key, value, is_causal=True, scale=scale)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("shape", [(1, 9, 37, 64), (3, 4, 128, 32)])  # one example; a batch of equal-length ones
-def test_matmul_attention_equals_sdpa_forward_and_backward(dtype, tolerance, shape):
+@pytest.mark.parametrize("shape, kv_heads", [
+    ((1, 9, 37, 64), 9),   # one example
+    ((3, 4, 128, 32), 4),  # a batch of equal-length ones
+    ((2, 9, 50, 64), 3),   # grouped-query attention (SmolLM2: 9 query heads, 3 key/value heads)
+])
+def test_matmul_attention_equals_sdpa_forward_and_backward(dtype, tolerance, shape, kv_heads):
     scale = 0.3
-    ours = attention_and_grads(lambda q, k, v: attention.MatmulCausalAttention.apply(q, k, v, scale), dtype, shape)
-    reference = attention_and_grads(
-        lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
-                                                                         scale=scale), torch.float32, shape)
+    ours = attention_and_grads(lambda q, k, v: attention.MatmulCausalAttention.apply(q, k, v, scale), dtype, shape, kv_heads)
+    reference = attention_and_grads(lambda q, k, v: reference_attention(q, k, v, scale), torch.float32, shape, kv_heads)
     for mine, theirs in zip(ours, reference):
         assert mine.dtype == dtype
         assert torch.allclose(mine.float(), theirs, atol=tolerance * theirs.abs().max().item(), rtol=0)
@@ -41,3 +52,26 @@ def test_cpu_examples_up_to_the_limit_use_matmul_attention_longer_ones_sdpa(monk
         attention.causal_attention(q, q, q, dropout=0.0, scale=None)
     attention.causal_attention(q[..., :4, :], q[..., :4, :], q[..., :4, :], dropout=0.1, scale=None)  # dropout: SDPA's
     assert calls == ["matmul", "sdpa", "sdpa"]
+
+
+@pytest.mark.parametrize("matmul_limit", [10**6, 0])  # the matmul attention; SDPA with enable_gqa
+def test_grouped_query_attention_keeps_no_repeated_keys_for_the_backward(monkeypatch, matmul_limit):
+    """A packed row of two examples, 9 query heads over 3 key/value heads: the tensors kept for
+    the backward pass hold key and value at their own 3 heads. Repeated to 9 (repeat_kv), SDPA
+    would keep the copies: 3.3 GB at 16 x 512 tokens over Qwen2.5-Coder-7B's 28 layers."""
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_TOKENS", matmul_limit)
+    torch.manual_seed(0)
+    query = torch.randn(1, 9, 40, 16, requires_grad=True)
+    key, value = (torch.randn(1, 3, 40, 16, requires_grad=True) for _ in range(2))
+    position_ids = torch.cat([torch.arange(25), torch.arange(15)])[None]
+    module = torch.nn.Module().train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        output, _ = attention.per_example_sdpa(module, query, key, value, None, position_ids=position_ids)
+    assert output.shape == (1, 40, 9, 16)
+    for start, end in ((0, 25), (25, 40)):  # each example alone, against SDPA over repeated heads
+        alone = reference_attention(*(t[:, :, start:end] for t in (query, key, value)), None)
+        assert torch.allclose(output[:, start:end], alone.transpose(1, 2), atol=1e-5)
+    heads_of_saved = [shape[-3] for shape in saved if len(shape) == 4 and shape[-1] == 16]
+    assert heads_of_saved.count(3) >= 2 * 2  # key and value of each example, at their own 3 heads
+    assert heads_of_saved.count(9) <= 2 * 2  # at most each example's query and output
