@@ -75,3 +75,20 @@ def test_grouped_query_attention_keeps_no_repeated_keys_for_the_backward(monkeyp
     heads_of_saved = [shape[-3] for shape in saved if len(shape) == 4 and shape[-1] == 16]
     assert heads_of_saved.count(3) >= 2 * 2  # key and value of each example, at their own 3 heads
     assert heads_of_saved.count(9) <= 2 * 2  # at most each example's query and output
+
+
+def test_matmul_attention_under_autocast_takes_float32_inputs():
+    """A quantized base's LoRA layers return float32 under autocast: the attention computes in
+    autocast's dtype, as SDPA would, and its backward, which runs outside autocast (as the
+    Trainer's does), gets one dtype."""
+    shape, kv_heads = (1, 9, 30, 16), 3
+
+    def forward_under_autocast(query, key, value):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return attention.causal_attention(query, key, value, dropout=0.0, scale=None)
+
+    ours = attention_and_grads(forward_under_autocast, torch.float32, shape, kv_heads)
+    reference = attention_and_grads(lambda q, k, v: reference_attention(q, k, v, None), torch.float32, shape, kv_heads)
+    assert ours[0].dtype == torch.bfloat16
+    for mine, theirs in zip(ours, reference):
+        assert torch.allclose(mine.float(), theirs, atol=2e-2 * theirs.abs().max().item(), rtol=0)

@@ -67,8 +67,15 @@ def causal_attention(query, key, value, *, dropout: float, scale: float | None):
     may have fewer heads than query (grouped-query attention); they are never repeated in memory:
     repeated, SDPA would keep the copies for the backward pass (3.3 GB at 16 x 512 tokens over
     Qwen2.5-Coder-7B's 28 layers without checkpointing)."""
-    if query.device.type == "cpu" and dropout == 0.0 and query.shape[-2] <= MATMUL_ATTENTION_MAX_TOKENS:
-        return MatmulCausalAttention.apply(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
+    device = query.device.type
+    if device == "cpu" and dropout == 0.0 and query.shape[-2] <= MATMUL_ATTENTION_MAX_TOKENS:
+        if torch.is_autocast_enabled(device):
+            # In autocast's dtype, as SDPA runs under autocast; the backward runs outside autocast,
+            # so the forward must see one dtype (a quantized base's LoRA layers return float32).
+            dtype = torch.get_autocast_dtype(device)
+            query, key, value = (t.to(dtype) for t in (query, key, value))
+        with torch.autocast(device, enabled=False):
+            return MatmulCausalAttention.apply(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
                                                             scale=scale, enable_gqa=key.shape[-3] != query.shape[-3])
 
