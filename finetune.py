@@ -197,8 +197,9 @@ def train(
         gradient_accumulation_steps=gradient_accumulation_steps, num_epochs=num_epochs, max_steps=max_steps,
         learning_rate=learning_rate, warmup_steps=warmup_steps, optim=optim, precision=precision,
         gradient_checkpointing=gradient_checkpointing, reentrant_checkpointing=checkpoint_reentrant(model),
-        group_by_length=group_by_length, evaluate=val_data is not None, early_stopping=early_stopping_patience > 0, save_steps=save_steps,
-        eval_steps=eval_steps, logging_steps=logging_steps, save_total_limit=save_total_limit,
+        group_by_length=group_by_length, evaluate=val_data is not None,
+        early_stopping=early_stopping_patience > 0, save_steps=save_steps, eval_steps=eval_steps,
+        logging_steps=logging_steps, save_total_limit=save_total_limit,
         report_to=report_to, run_name=wandb_run_name, seed=seed, world_size=world_size, cuda=cuda,
     )
     trainer = build_trainer(
@@ -448,9 +449,9 @@ def add_lora(model, *, quantized, lora_r, lora_alpha, lora_dropout, target_modul
     # packed rows follow the position ids (no example attends to another).
     model.config.use_cache = False
     if quantized:
-        # Freezes the base and keeps norms in fp32. Checkpointing is left to the Trainer, which
-        # turns it on once (PEFT's own would be turned on again by the Trainer), reentrant or not
-        # as checkpoint_reentrant decides.
+        # Freezes the base and keeps norms in fp32. Checkpointing is left to the Trainer, so that
+        # it is turned on once (PEFT's and then the Trainer's would be twice), of the kind that
+        # checkpoint_reentrant picks.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
@@ -481,8 +482,8 @@ CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in tra
 
 def build_training_arguments(*, output_dir, micro_batch_size, gradient_accumulation_steps, num_epochs, max_steps,
                              learning_rate, warmup_steps, optim, precision, gradient_checkpointing,
-                             reentrant_checkpointing=False, group_by_length, evaluate, early_stopping, save_steps, eval_steps, logging_steps, save_total_limit,
-                             report_to, run_name, seed, world_size, cuda):
+                             reentrant_checkpointing, group_by_length, evaluate, early_stopping, save_steps,
+                             eval_steps, logging_steps, save_total_limit, report_to, run_name, seed, world_size, cuda):
     """Every Trainer setting of a finetune.py run, in one place."""
     if early_stopping and save_steps != eval_steps:
         # The best checkpoint can only be kept if one is written at each evaluation.

@@ -447,7 +447,8 @@ def test_early_stopping_needs_a_validation_set(tiny_llama_dir, data_file, tmp_pa
 def training_arguments(tmp_path, **overrides):
     options = dict(output_dir=str(tmp_path), micro_batch_size=4, gradient_accumulation_steps=2, num_epochs=1,
                    max_steps=10, learning_rate=1e-3, warmup_steps=0, optim="adamw_torch", precision="fp32",
-                   gradient_checkpointing=False, group_by_length=False, evaluate=True, early_stopping=False,
+                   gradient_checkpointing=False, reentrant_checkpointing=False, group_by_length=False, evaluate=True,
+                   early_stopping=False,
                    save_steps=200, eval_steps=200, logging_steps=1, save_total_limit=1, report_to="none",
                    run_name="", seed=1, world_size=1, cuda=False)
     return finetune.build_training_arguments(**{**options, **overrides})
