@@ -1,0 +1,67 @@
+"""LoRA dropout (utils/dropout.py): the same dropout as nn.Dropout, and what finetune.py installs."""
+
+import pytest
+import torch
+
+import finetune
+from utils.dropout import LoraDropout, use_fast_lora_dropout
+from utils.model_loading import load_tokenizer
+
+
+def test_keeps_one_minus_p_of_the_elements_and_scales_them_as_nn_dropout_does():
+    torch.manual_seed(0)
+    x = torch.randn(400, 500)
+    out = LoraDropout(0.05).train()(x)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(0.95, abs=0.002)  # 200k elements: 4 standard errors
+    # Kept elements: multiplied by nn.Dropout's own factor (its mask is bernoulli(1 - p) / (1 - p)).
+    factor = torch.ones(()).div_(0.95)
+    assert torch.equal(out[kept], x[kept] * factor)
+
+
+def test_gradient_is_the_same_mask_and_scale():
+    torch.manual_seed(1)
+    x = torch.randn(64, 32, requires_grad=True)
+    out = LoraDropout(0.5).train()(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, (out != 0).float() * 2.0)
+
+
+def test_seeded_masks_repeat_and_eval_is_the_identity():
+    x = torch.randn(32, 32)
+    dropout = LoraDropout(0.3).train()
+    torch.manual_seed(7)
+    first = dropout(x)
+    torch.manual_seed(7)
+    assert torch.equal(dropout(x), first)
+    assert not torch.equal(dropout(x), first)  # the generator moved on
+    assert dropout.eval()(x) is x
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_impossible_probability_is_refused(p):
+    with pytest.raises(ValueError, match="dropout probability"):
+        LoraDropout(p)
+
+
+@pytest.mark.parametrize("lora_dropout, kind", [(0.1, LoraDropout), (0.0, torch.nn.Identity)])
+def test_finetune_puts_it_on_every_lora_layer(tiny_llama_dir, lora_dropout, kind):
+    tokenizer = load_tokenizer(str(tiny_llama_dir), padding_side="right")
+    model = finetune.build_lora_model(
+        base_model=str(tiny_llama_dir), tokenizer=tokenizer, load_in_8bit=False, load_in_4bit=False,
+        dtype=torch.bfloat16, lora_r=4, lora_alpha=8, lora_dropout=lora_dropout, target_modules=["q_proj", "v_proj"])
+    layers = [module for module in model.modules() if hasattr(module, "lora_dropout")]
+    assert len(layers) == 2 * model.config.num_hidden_layers
+    for layer in layers:
+        assert type(layer.lora_dropout["default"]) is kind
+        assert layer.lora_dropout["default"].training  # the PeftModel is in training mode
+
+
+def test_use_fast_lora_dropout_counts_what_it_changed():
+    from peft import LoraConfig, get_peft_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    model = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.2, target_modules=["0", "2"]))
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 2
+    assert use_fast_lora_dropout(model) == 2
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())

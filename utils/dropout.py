@@ -1,0 +1,76 @@
+"""LoRA dropout that is cheaper on a CPU.
+
+PEFT runs a LoRA layer as `lora_B(lora_A(dropout(x)))` with `nn.Dropout`, which on a CPU draws a
+float32 mask with `bernoulli_`: one 32-bit random number per element, 7% of a SmolLM2 training
+step (LoRA on q/v), more than all its elementwise arithmetic, and a 4-byte mask kept per element for
+the backward pass. `use_fast_lora_dropout` swaps in `LoraDropout`, which on a CPU draws 16 random
+bits per element (one 64-bit draw gives four) and keeps a one-byte mask.
+
+What is computed is the same: each element is kept with probability 1 - p and multiplied by
+1/(1 - p) in the input's dtype, as nn.Dropout does. p is rounded to a multiple of 1/65536
+(0.05 -> 0.0500031). The masks come from torch's seeded default generator, so runs repeat, and
+activation checkpointing recomputes the same mask (it restores that generator, as for nn.Dropout).
+On a GPU, nn.Dropout's kernel is already fused, and LoraDropout calls it.
+"""
+
+import torch
+import torch.nn.functional as F
+
+_SIXTEEN_BITS = 1 << 16
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale, keeping only the one-byte mask for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (keep,) = ctx.saved_tensors
+        return grad_output.mul(keep).mul_(ctx.scale), None, None
+
+
+class LoraDropout(torch.nn.Module):
+    """nn.Dropout(p) for a LoRA input; see the module docstring."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def keep_mask(self, shape: torch.Size) -> torch.Tensor:
+        """True with probability 1 - p (p rounded to 1/65536): four 16-bit draws per int64 draw."""
+        count = shape.numel()
+        words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
+        # int16 values are uniform on [-32768, 32767]: below the threshold with probability p.
+        threshold = round(self.p * _SIXTEEN_BITS) - _SIXTEEN_BITS // 2
+        return (words.view(torch.int16)[:count] >= threshold).view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return _MaskedScale.apply(x, self.keep_mask(x.shape), 1 / (1 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_lora_dropout(model: torch.nn.Module) -> int:
+    """Swap every LoRA layer's nn.Dropout for LoraDropout; returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for adapter, dropout in dropouts.items():
+            if type(dropout) is torch.nn.Dropout:
+                dropouts[adapter] = LoraDropout(dropout.p)
+                swapped += 1
+    return swapped
