@@ -92,3 +92,59 @@ def test_matmul_attention_under_autocast_takes_float32_inputs():
     assert ours[0].dtype == torch.bfloat16
     for mine, theirs in zip(ours, reference):
         assert torch.allclose(mine.float(), theirs, atol=2e-2 * theirs.abs().max().item(), rtol=0)
+
+
+def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                          enable_gqa=False):
+    """torch's varlen_attn as documented ((tokens, heads, head_dim), cumulative bounds), in float32
+    on a CPU: the CUDA kernel's stand-in."""
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and window_size == (-1, 0)
+    assert enable_gqa == (key.shape[1] != query.shape[1])
+    bounds = cu_seq_q.tolist()
+    assert max_q == max_k == max(end - start for start, end in zip(bounds, bounds[1:]))
+    pieces = [reference_attention(*(t[start:end].transpose(0, 1)[None] for t in (query, key, value)), scale)[0]
+              for start, end in zip(bounds, bounds[1:])]
+    return torch.cat(pieces, dim=1).transpose(0, 1).to(query.dtype)
+
+
+@pytest.mark.parametrize("kv_heads", [9, 3])
+def test_a_row_of_mixed_lengths_goes_to_varlen_in_one_call_with_the_same_result(monkeypatch, kv_heads):
+    """On a GPU a packed row of examples of different lengths goes to torch's varlen flash attention
+    in one call (the CUDA kernel is replaced here by a float32 reference of its documented contract):
+    the layout, the bounds and the causal window give what the per-example calls give."""
+    import torch.nn.attention.varlen
+
+    calls = []
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn",
+                        lambda *args, **kwargs: calls.append(args[3].tolist()) or reference_varlen_attn(*args, **kwargs))
+    torch.manual_seed(0)
+    query = torch.randn(1, 40, 9, 16).transpose(1, 2).requires_grad_()  # transformers' layout: a transposed view
+    key, value = (torch.randn(1, 40, kv_heads, 16).transpose(1, 2).requires_grad_() for _ in range(2))
+    position_ids = torch.cat([torch.arange(25), torch.arange(5), torch.arange(10)])[None]
+    module = torch.nn.Module().train()
+
+    def attend(varlen):
+        monkeypatch.setattr(attention, "use_varlen_attention", lambda *args: varlen)
+        monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_TOKENS", 0)
+        output, _ = attention.per_example_sdpa(module, query, key, value, None, position_ids=position_ids, scaling=0.2)
+        grads = torch.autograd.grad(output, [query, key, value], torch.ones_like(output))
+        return [output, *grads]
+
+    for mine, theirs in zip(attend(True), attend(False)):
+        assert torch.allclose(mine, theirs, atol=1e-5)
+    assert calls == [[0, 25, 30, 40]]
+
+
+def test_varlen_is_used_only_where_it_runs(monkeypatch):
+    query, key = torch.randn(1, 8, 10, 64, dtype=torch.bfloat16), torch.randn(1, 2, 10, 64, dtype=torch.bfloat16)
+    assert not attention.use_varlen_attention(query, key, 0.0)  # a CPU
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(attention, "varlen_keywords", lambda: frozenset({"scale", "window_size", "enable_gqa"}))
+    assert attention.use_varlen_attention(query, key, 0.0)
+    assert not attention.use_varlen_attention(query, key, 0.1)  # attention dropout: SDPA's
+    assert not attention.use_varlen_attention(query.float(), key.float(), 0.0)  # float32, no autocast
+    monkeypatch.setattr(attention, "varlen_keywords", lambda: frozenset({"scale", "window_size"}))  # torch 2.11
+    assert not attention.use_varlen_attention(query, key, 0.0)  # grouped-query needs enable_gqa
+    assert attention.use_varlen_attention(query, key[:, [0, 0, 0, 0, 1, 1, 1, 1]], 0.0)
+    monkeypatch.setattr(attention, "varlen_keywords", lambda: frozenset({"is_causal"}))  # torch 2.9-2.10
+    assert not attention.use_varlen_attention(query, query, 0.0)

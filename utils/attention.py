@@ -11,6 +11,10 @@ except for short examples on a CPU (MatmulCausalAttention, faster there). Batche
 mask, and generation with a KV cache, go to transformers' own `sdpa` unchanged.
 """
 
+import functools
+import inspect
+import itertools
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -80,6 +84,45 @@ def causal_attention(query, key, value, *, dropout: float, scale: float | None):
                                                             scale=scale, enable_gqa=key.shape[-3] != query.shape[-3])
 
 
+@functools.cache
+def varlen_keywords() -> frozenset:
+    """The keywords of this torch's varlen_attn (flash attention over a packed row; CUDA only), or
+    none where it has none. Its signature moved between releases: `is_causal` (2.9-2.10), then
+    `scale` and `window_size`, then `enable_gqa`."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def use_varlen_attention(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
+    """Whether a packed row of examples of different lengths goes to varlen_attn in one call (on a
+    GPU, in half precision, without attention dropout) rather than one SDPA call per example."""
+    keywords = varlen_keywords()
+    return (query.device.type == "cuda" and dropout == 0.0 and query.shape[-1] <= 256
+            and (query.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cuda"))
+            and {"scale", "window_size"} <= keywords
+            and (key.shape[-3] == query.shape[-3] or "enable_gqa" in keywords))
+
+
+def varlen_causal_attention(query, key, value, *, sizes: list[int], scale: float | None):
+    """Causal attention of each example of one packed row in a single varlen_attn call.
+    query: (heads, length, head_dim), key/value: (kv_heads, length, head_dim); returns query's shape."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if torch.is_autocast_enabled("cuda"):  # a custom op: autocast does not cast its inputs
+        dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+    bounds = torch.tensor(list(itertools.accumulate(sizes, initial=0)), device=query.device, dtype=torch.int32)
+    longest = max(sizes)
+    # window_size (-1, 0): everything before, nothing after (causal); (tokens, heads, head_dim) layout.
+    grouped = {"enable_gqa": True} if key.shape[0] != query.shape[0] else {}
+    output = varlen_attn(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), bounds, bounds,
+                         longest, longest, scale=scale, window_size=(-1, 0), **grouped)
+    return output.transpose(0, 1)
+
+
 def example_spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each example in a packed row of position ids (a restart at 0 opens one)."""
     starts = (position_ids == 0).nonzero().flatten().tolist()
@@ -113,6 +156,8 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
             # Examples of one length (a GPU benchmark, fixed-length data): one batched call.
             split = lambda t: t.unflatten(1, (len(spans), length)).transpose(0, 1)
             rows.append(attend(split(q), split(k), split(v)).transpose(0, 1).flatten(1, 2))
+        elif use_varlen_attention(q, k, dropout):
+            rows.append(varlen_causal_attention(q, k, v, sizes=[end - start for start, end in spans], scale=scaling))
         else:
             # split, not slicing: the backward of a slice zero-fills a gradient the size of the
             # whole row for every example; split's backward is one concatenation.
