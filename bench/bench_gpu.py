@@ -20,6 +20,7 @@ Needs torch, transformers, peft, accelerate, bitsandbytes, and for TRL's rows tr
 """
 
 import argparse
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -37,6 +39,7 @@ import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import finetune  # noqa: E402
+from utils import attention  # noqa: E402
 from utils.precision import enable_tf32, resolve_precision, torch_dtype  # noqa: E402
 
 # The architecture fields of the published config.json files.
@@ -108,27 +111,39 @@ def random_quantized_model(config, *, bits: int, dtype: torch.dtype, device: str
     return model
 
 
-def token_rows(vocab_size: int, *, count: int, length: int) -> list[dict]:
+def token_rows(vocab_size: int, *, count: int, length: int, min_length: int | None = None) -> list[dict]:
+    """`count` random examples of `length` tokens, or of min_length to length tokens (seeded)."""
     generator = torch.Generator().manual_seed(1)
     rows = torch.randint(3, vocab_size, (count, length), generator=generator).tolist()
-    return [{"input_ids": row, "labels": list(row), "attention_mask": [1] * length} for row in rows]
+    if min_length is not None and min_length < length:
+        lengths = torch.randint(min_length, length + 1, (count,), generator=generator).tolist()
+        rows = [row[:n] for row, n in zip(rows, lengths)]
+    return [{"input_ids": row, "labels": list(row), "attention_mask": [1] * len(row)} for row in rows]
 
 
 class StepClock(transformers.TrainerCallback):
-    """Times each optimizer step (synchronized on a GPU)."""
+    """Times each optimizer step (synchronized on a GPU) and counts its tokens, padding excluded
+    (`count` is a forward pre-hook for the trained model)."""
 
     def __init__(self):
-        self.durations = []
+        self.durations, self.tokens, self.counted = [], [], 0
+
+    def count(self, module, args, kwargs):
+        if module.training:
+            mask = kwargs.get("attention_mask")
+            self.counted += int(mask.sum()) if mask is not None and mask.dim() == 2 else kwargs["input_ids"].numel()
 
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        self.counted = 0
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.durations.append(time.perf_counter() - self.started)
+        self.tokens.append(self.counted)
 
 
 def run_ours(base, data, *, checkpointing, steps, micro_batch, precision, cuda, work):
@@ -147,6 +162,7 @@ def run_ours(base, data, *, checkpointing, steps, micro_batch, precision, cuda, 
     trainer = finetune.build_trainer(model=model, args=args, tokenizer=None, train_data=data, val_data=None,
                                      packing=True, callbacks=[clock])
     trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
+    trainer.model.register_forward_pre_hook(clock.count, with_kwargs=True)
     return trainer, clock
 
 
@@ -168,6 +184,7 @@ def run_trl(base, data, *, checkpointing, steps, micro_batch, precision, cuda, w
     dataset = Dataset.from_dict({"input_ids": [row["input_ids"] for row in data]})
     trainer = SFTTrainer(model=base, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA), callbacks=[clock])
+    trainer.model.register_forward_pre_hook(clock.count, with_kwargs=True)
     return trainer, clock
 
 
@@ -215,11 +232,16 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny configs of the same families, on a CPU or GPU")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--bits", default="8,4", help="base quantization(s): 8, 4")
-    parser.add_argument("--trainers", default="finetune.py,TRL", help="finetune.py, TRL")
+    parser.add_argument("--trainers", default="finetune.py,TRL",
+                        help="finetune.py, TRL, and finetune.py-per-example: finetune.py with one SDPA call per "
+                             "example even where varlen attention would run (to measure what varlen gives)")
     parser.add_argument("--checkpointing", default="off,on", help="activation checkpointing: off, on")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per row (the first is not timed)")
     parser.add_argument("--micro_batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=512, help="tokens per example")
+    parser.add_argument("--min_length", type=int, default=None,
+                        help="examples of --min_length to --length tokens (seeded) instead of all of --length: "
+                             "finetune.py packs them, TRL pads each micro-batch to its longest")
     parser.add_argument("--time_budget_s", type=float, default=330, help="rows not started by then are skipped")
     parser.add_argument("--output", default="", help="also write the Markdown table to this file")
     options = parser.parse_args(argv)
@@ -236,7 +258,8 @@ def main(argv=None):
     card = torch.cuda.get_device_name() if cuda else "CPU"
     lines = [
         f"Card: {card}; torch {torch.__version__}, transformers {transformers.__version__}; precision {precision}; "
-        f"LoRA r={LORA['r']} on q/k/v/o; micro-batch {options.micro_batch} x {options.length} tokens; "
+        f"LoRA r={LORA['r']} on q/k/v/o; micro-batch {options.micro_batch} x "
+        f"{options.length if options.min_length is None else f'{options.min_length}-{options.length}'} tokens; "
         f"{options.steps} steps a row, the first untimed{' (tiny configs)' if options.tiny else ''}",
         "",
         "| model | base | checkpointing | trainer | peak GPU memory (GiB) | tokens/s | note |",
@@ -259,7 +282,8 @@ def main(argv=None):
     for name in split(options.models):
         config = model_config(name, options.tiny)
         tokenizer = placeholder_tokenizer(config.vocab_size)
-        data = token_rows(config.vocab_size, count=options.micro_batch * options.steps, length=options.length)
+        data = token_rows(config.vocab_size, count=options.micro_batch * options.steps, length=options.length,
+                          min_length=options.min_length)
         for bits in [int(b) for b in split(options.bits)]:
             base_label = f"{bits}-bit"
             if time.perf_counter() - started > options.time_budget_s:
@@ -295,9 +319,11 @@ def main(argv=None):
                                 trainer, clock = run_trl(base, data, tokenizer=tokenizer, length=options.length, **common)
                             else:
                                 trainer, clock = run_ours(base, data, **common)
-                            trainer.train()
-                        timed = clock.durations[1:] or clock.durations
-                        tokens_per_second = options.micro_batch * options.length * len(timed) / sum(timed)
+                            with mock.patch.object(attention, "use_varlen_attention", return_value=False) \
+                                    if which == "finetune.py-per-example" else contextlib.nullcontext():
+                                trainer.train()
+                        first = 1 if len(clock.durations) > 1 else 0
+                        tokens_per_second = sum(clock.tokens[first:]) / sum(clock.durations[first:])
                         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "-"
                         emit(f"{row} {peak} | {tokens_per_second:.0f} | |")
                     except Exception as error:  # one row's failure must not cost the others

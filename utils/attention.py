@@ -11,11 +11,13 @@ except for short examples on a CPU (MatmulCausalAttention, faster there). Batche
 mask, and generation with a KV cache, go to transformers' own `sdpa` unchanged.
 """
 
+import contextlib
 import functools
 import inspect
 import itertools
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
@@ -123,6 +125,15 @@ def varlen_causal_attention(query, key, value, *, sizes: list[int], scale: float
     return output.transpose(0, 1)
 
 
+def shape_free_kernels(query: torch.Tensor):
+    """On a GPU, SDPA without its cuDNN backend, which builds an execution plan for each new shape:
+    examples of mixed lengths bring new shapes step after step (measured on an H100: see
+    bench/RESULTS.md). Flash and memory-efficient kernels take any length as it comes."""
+    if query.device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def example_spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each example in a packed row of position ids (a restart at 0 opens one)."""
     starts = (position_ids == 0).nonzero().flatten().tolist()
@@ -163,7 +174,8 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
             # whole row for every example; split's backward is one concatenation.
             sizes = [end - start for start, end in spans]
             pieces = zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))
-            rows.append(torch.cat([attend(qe[None], ke[None], ve[None])[0] for qe, ke, ve in pieces], dim=1))
+            with shape_free_kernels(q):
+                rows.append(torch.cat([attend(qe[None], ke[None], ve[None])[0] for qe, ke, ve in pieces], dim=1))
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
