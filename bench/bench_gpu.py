@@ -14,6 +14,10 @@ padded batches, which hold no padding at fixed length and run SDPA's causal kern
 peak GPU memory (torch.cuda.max_memory_allocated, from the model build on) and tokens/s over the
 steps after the first. A row that runs out of memory is reported as such; the run goes on.
 Rows are printed (and appended to --output) as each finishes, so a cut-off run keeps what it has.
+With --min_length, examples have --min_length to --length tokens (seeded), as real records do:
+finetune.py packs each micro-batch into one row, TRL pads it to its longest, and tokens/s counts
+real tokens only; the `finetune.py-per-example` row is finetune.py with varlen attention off
+(one SDPA call per example), to measure what varlen gives.
 
 Needs torch, transformers, peft, accelerate, bitsandbytes, and for TRL's rows trl and datasets
 (skipped with a note when they cannot be imported); not fire.
@@ -56,6 +60,7 @@ MODELS = {
     ),
 }
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
+TRAINERS = ("finetune.py", "finetune.py-per-example", "TRL")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -129,9 +134,10 @@ class StepClock(transformers.TrainerCallback):
         self.durations, self.tokens, self.counted = [], [], 0
 
     def count(self, module, args, kwargs):
-        if module.training:
+        if module.training:  # a mask's sum stays on the device until the step ends (no sync mid-step)
             mask = kwargs.get("attention_mask")
-            self.counted += int(mask.sum()) if mask is not None and mask.dim() == 2 else kwargs["input_ids"].numel()
+            self.counted = self.counted + (mask.sum() if mask is not None and mask.dim() == 2
+                                           else kwargs["input_ids"].numel())
 
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -143,7 +149,7 @@ class StepClock(transformers.TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.durations.append(time.perf_counter() - self.started)
-        self.tokens.append(self.counted)
+        self.tokens.append(int(self.counted))
 
 
 def run_ours(base, data, *, checkpointing, steps, micro_batch, precision, cuda, work):
@@ -245,6 +251,9 @@ def main(argv=None):
     parser.add_argument("--time_budget_s", type=float, default=330, help="rows not started by then are skipped")
     parser.add_argument("--output", default="", help="also write the Markdown table to this file")
     options = parser.parse_args(argv)
+    unknown = {name.strip() for name in options.trainers.split(",") if name.strip()} - set(TRAINERS)
+    if unknown:
+        parser.error(f"--trainers: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TRAINERS)}")
 
     started = time.perf_counter()
     cuda = torch.cuda.is_available()

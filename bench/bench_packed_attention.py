@@ -103,8 +103,9 @@ def main(argv=None):
         inputs = packed_inputs(lengths, heads, kv_heads, head_dim, device, dtype)
         reference = None
         for method in ["per-example", "varlen", "dense mask"]:
-            if method == "varlen" and not attention.use_varlen_attention(inputs[0], inputs[1], 0.0):
-                print(f"| {name} | {method} | - | - | not available here (CUDA, torch with varlen_attn) |")
+            if method == "varlen" and not attention.use_varlen_attention(inputs[0], inputs[1], dropout=0.0):
+                print(f"| {name} | {method} | - | - | not available here (it needs CUDA on compute capability 8.0+, "
+                      f"torch 2.11+ with varlen_attn, and 2.12+ for grouped-query heads) |")
                 continue
             milliseconds, peak, output, grads = measure(method, inputs, options.repeats, cuda)
             if reference is None:

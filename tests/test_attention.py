@@ -128,7 +128,7 @@ def test_a_row_of_mixed_lengths_goes_to_varlen_in_one_call_with_the_same_result(
     module = torch.nn.Module().train()
 
     def attend(varlen):
-        monkeypatch.setattr(attention, "use_varlen_attention", lambda *args: varlen)
+        monkeypatch.setattr(attention, "use_varlen_attention", lambda *args, **kwargs: varlen)
         monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_TOKENS", 0)
         output, _ = attention.per_example_sdpa(module, query, key, value, None, position_ids=position_ids, scaling=0.2)
         grads = torch.autograd.grad(output, [query, key, value], torch.ones_like(output))
@@ -141,35 +141,40 @@ def test_a_row_of_mixed_lengths_goes_to_varlen_in_one_call_with_the_same_result(
 
 def test_varlen_is_used_only_where_it_runs(monkeypatch):
     query, key = torch.randn(1, 8, 10, 64, dtype=torch.bfloat16), torch.randn(1, 2, 10, 64, dtype=torch.bfloat16)
-    assert not attention.use_varlen_attention(query, key, 0.0)  # a CPU
+    assert not attention.use_varlen_attention(query, key, dropout=0.0)  # a CPU
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    monkeypatch.setattr(attention, "cuda_native_bf16", lambda index: True)  # Ampere or newer
     monkeypatch.setattr(attention, "varlen_keywords", lambda: frozenset({"scale", "window_size", "enable_gqa"}))
-    assert attention.use_varlen_attention(query, key, 0.0)
-    assert not attention.use_varlen_attention(query, key, 0.1)  # attention dropout: SDPA's
-    assert not attention.use_varlen_attention(query.float(), key.float(), 0.0)  # float32, no autocast
+    assert attention.use_varlen_attention(query, key, dropout=0.0)
+    assert not attention.use_varlen_attention(query, key, dropout=0.1)  # attention dropout: SDPA's
+    assert not attention.use_varlen_attention(query.float(), key.float(), dropout=0.0)  # float32, no autocast
+    monkeypatch.setattr(attention, "cuda_native_bf16", lambda index: False)  # T4, V100: no flash kernel
+    assert not attention.use_varlen_attention(query, key, dropout=0.0)
+    monkeypatch.setattr(attention, "cuda_native_bf16", lambda index: True)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: False)  # a torch built without it
+    assert not attention.use_varlen_attention(query, key, dropout=0.0)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
     monkeypatch.setattr(attention, "varlen_keywords", lambda: frozenset({"scale", "window_size"}))  # torch 2.11
-    assert not attention.use_varlen_attention(query, key, 0.0)  # grouped-query needs enable_gqa
-    assert attention.use_varlen_attention(query, key[:, [0, 0, 0, 0, 1, 1, 1, 1]], 0.0)
+    assert not attention.use_varlen_attention(query, key, dropout=0.0)  # grouped-query needs enable_gqa
+    assert attention.use_varlen_attention(query, key[:, [0, 0, 0, 0, 1, 1, 1, 1]], dropout=0.0)
     monkeypatch.setattr(attention, "varlen_keywords", lambda: frozenset({"is_causal"}))  # torch 2.9-2.10
-    assert not attention.use_varlen_attention(query, query, 0.0)
+    assert not attention.use_varlen_attention(query, query, dropout=0.0)
 
 
 def test_mixed_lengths_on_a_gpu_keep_off_cudnn_which_plans_each_new_shape(monkeypatch):
     """cuDNN's SDPA builds an execution plan for each new shape: on an H100, 32 examples of new
     lengths took 7.6 s against 17 ms with the flash kernel. Examples of mixed lengths run without it."""
-    from types import SimpleNamespace
-
     chosen = []
     monkeypatch.setattr(attention, "sdpa_kernel", lambda backends: chosen.append(backends) or contextlib.nullcontext())
-    on_gpu = SimpleNamespace(device=torch.device("cuda"))
-    attention.shape_free_kernels(on_gpu)
+    attention.shape_free_kernels(torch.device("cuda"))
     assert chosen and SDPBackend.FLASH_ATTENTION in chosen[0] and SDPBackend.CUDNN_ATTENTION not in chosen[0]
     chosen.clear()
-    attention.shape_free_kernels(torch.zeros(1))  # a CPU: SDPA's own choice
+    attention.shape_free_kernels(torch.device("cpu"))  # a CPU: SDPA's own choice
     assert not chosen
 
     entered = []
-    monkeypatch.setattr(attention, "shape_free_kernels", lambda query: entered.append(query.shape) or contextlib.nullcontext())
+    monkeypatch.setattr(attention, "shape_free_kernels", lambda device: entered.append(device) or contextlib.nullcontext())
     query = torch.randn(1, 4, 30, 8)
     mixed = torch.cat([torch.arange(20), torch.arange(10)])[None]
     attention.per_example_sdpa(torch.nn.Module().train(), query, query, query, None, position_ids=mixed)

@@ -11,12 +11,25 @@ from utils.model_loading import load_tokenizer
 def test_keeps_one_minus_p_of_the_elements_and_scales_them_as_nn_dropout_does():
     torch.manual_seed(0)
     x = torch.randn(400, 500)
-    out = LoraDropout(0.05).train()(x)
+    dropout = LoraDropout(0.05).train()
+    out = dropout(x)
     kept = out != 0
     assert kept.float().mean().item() == pytest.approx(0.95, abs=0.002)  # 200k elements: 4 standard errors
-    # Kept elements: multiplied by nn.Dropout's own factor (its mask is bernoulli(1 - p) / (1 - p)).
-    factor = torch.ones(()).div_(0.95)
+    assert dropout.drawn_p == 3277 / 65536  # p rounded to the 16-bit draws
+    # Kept float32 elements (PEFT's LoRA input): nn.Dropout's factor for that p, to the last bit
+    # (its mask is bernoulli(1 - p) / (1 - p) in float32).
+    factor = torch.ones(()).div_(1 - dropout.drawn_p)
     assert torch.equal(out[kept], x[kept] * factor)
+
+
+def test_a_bfloat16_input_gets_the_exact_factor_rounded_once():
+    torch.manual_seed(0)
+    x = torch.randn(300, 300, dtype=torch.bfloat16)
+    dropout = LoraDropout(0.05).train()
+    out = dropout(x)
+    kept = out != 0
+    expected = (x.float() * (1 / (1 - dropout.drawn_p))).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out[kept], expected[kept])
 
 
 def test_gradient_is_the_same_mask_and_scale():
@@ -54,7 +67,6 @@ def test_finetune_puts_it_on_every_lora_layer(tiny_llama_dir, lora_dropout, kind
     assert len(layers) == 2 * model.config.num_hidden_layers
     for layer in layers:
         assert type(layer.lora_dropout["default"]) is kind
-        assert layer.lora_dropout["default"].training  # the PeftModel is in training mode
 
 
 def test_use_fast_lora_dropout_counts_what_it_changed():
@@ -63,5 +75,8 @@ def test_use_fast_lora_dropout_counts_what_it_changed():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     model = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.2, target_modules=["0", "2"]))
     assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 2
+    model.eval()
     assert use_fast_lora_dropout(model) == 2
     assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    swapped = [m for m in model.modules() if isinstance(m, LoraDropout)]
+    assert len(swapped) == 2 and not any(m.training for m in swapped)  # the mode it found

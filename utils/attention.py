@@ -22,6 +22,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
+from utils.precision import cuda_native_bf16
+
 PER_EXAMPLE_SDPA = "sdpa_per_example"
 # On a CPU, examples of up to this many tokens attend through MatmulCausalAttention: about twice as
 # fast as the CPU flash kernel (forward + backward) at 64-128 tokens. It keeps each example's
@@ -98,14 +100,17 @@ def varlen_keywords() -> frozenset:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def use_varlen_attention(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
+def use_varlen_attention(query: torch.Tensor, key: torch.Tensor, *, dropout: float) -> bool:
     """Whether a packed row of examples of different lengths goes to varlen_attn in one call (on a
-    GPU, in half precision, without attention dropout) rather than one SDPA call per example."""
+    GPU, in half precision, without attention dropout) rather than one SDPA call per example.
+    varlen_attn calls the flash kernel directly, without SDPA's checks: it needs a torch built with
+    it and an Ampere or newer GPU (compute capability 8.0, as native bf16: T4 and V100 have neither)."""
     keywords = varlen_keywords()
     return (query.device.type == "cuda" and dropout == 0.0 and query.shape[-1] <= 256
             and (query.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cuda"))
             and {"scale", "window_size"} <= keywords
-            and (key.shape[-3] == query.shape[-3] or "enable_gqa" in keywords))
+            and (key.shape[-3] == query.shape[-3] or "enable_gqa" in keywords)
+            and torch.backends.cuda.is_flash_attention_available() and cuda_native_bf16(query.device.index))
 
 
 def varlen_causal_attention(query, key, value, *, sizes: list[int], scale: float | None):
@@ -125,11 +130,13 @@ def varlen_causal_attention(query, key, value, *, sizes: list[int], scale: float
     return output.transpose(0, 1)
 
 
-def shape_free_kernels(query: torch.Tensor):
-    """On a GPU, SDPA without its cuDNN backend, which builds an execution plan for each new shape:
-    examples of mixed lengths bring new shapes step after step (measured on an H100: see
-    bench/RESULTS.md). Flash and memory-efficient kernels take any length as it comes."""
-    if query.device.type != "cuda":
+def shape_free_kernels(device: torch.device):
+    """On a GPU, SDPA without its cuDNN backend, which builds an execution plan for each new shape
+    (about 0.2 s each on an H100, bench/RESULTS.md): the examples of a packed row bring new lengths
+    step after step, up to one per token count. Flash and memory-efficient kernels take any length
+    as it comes. Padded batches are left to SDPA's choice: they come in at most cutoff_len / 8
+    shapes (padded to multiples of 8), each planned once."""
+    if device.type != "cuda":
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
@@ -167,14 +174,14 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
             # Examples of one length (a GPU benchmark, fixed-length data): one batched call.
             split = lambda t: t.unflatten(1, (len(spans), length)).transpose(0, 1)
             rows.append(attend(split(q), split(k), split(v)).transpose(0, 1).flatten(1, 2))
-        elif use_varlen_attention(q, k, dropout):
+        elif use_varlen_attention(q, k, dropout=dropout):
             rows.append(varlen_causal_attention(q, k, v, sizes=[end - start for start, end in spans], scale=scaling))
         else:
             # split, not slicing: the backward of a slice zero-fills a gradient the size of the
             # whole row for every example; split's backward is one concatenation.
             sizes = [end - start for start, end in spans]
             pieces = zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))
-            with shape_free_kernels(q):
+            with shape_free_kernels(q.device):
                 rows.append(torch.cat([attend(qe[None], ke[None], ve[None])[0] for qe, ke, ve in pieces], dim=1))
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 

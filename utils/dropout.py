@@ -6,11 +6,14 @@ step (LoRA on q/v), more than all its elementwise arithmetic, and a 4-byte mask 
 the backward pass. `use_fast_lora_dropout` swaps in `LoraDropout`, which on a CPU draws 16 random
 bits per element (one 64-bit draw gives four) and keeps a one-byte mask.
 
-What is computed is the same: each element is kept with probability 1 - p and multiplied by
-1/(1 - p) in the input's dtype, as nn.Dropout does. p is rounded to a multiple of 1/65536
-(0.05 -> 0.0500031). The masks come from torch's seeded default generator, so runs repeat, and
-activation checkpointing recomputes the same mask (it restores that generator, as for nn.Dropout).
-On a GPU, nn.Dropout's kernel is already fused, and LoraDropout calls it.
+What is computed is nn.Dropout's: each element is kept with probability 1 - p and multiplied by
+1/(1 - p), with p rounded to a multiple of 1/65536 (0.05 -> 0.0500031; the factor uses the rounded
+p, so the expectation is the input). PEFT casts a LoRA layer's input to float32 first, where the
+result is nn.Dropout's to the last bit (for that p). On a half-precision input the factor stays
+exact where nn.Dropout rounds it to the input's dtype first (bf16: 1.0547 for 1.0526). The masks
+come from torch's seeded default generator, so runs repeat, and activation checkpointing recomputes
+the same mask (it restores that generator, as for nn.Dropout). On a GPU, nn.Dropout's kernel is
+already fused, and LoraDropout calls it.
 """
 
 import torch
@@ -42,21 +45,23 @@ class LoraDropout(torch.nn.Module):
         if not 0 <= p < 1:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
+        # The probability the 16-bit draws give: p rounded to a multiple of 1/65536.
+        self.threshold = round(p * _SIXTEEN_BITS)
+        self.drawn_p = self.threshold / _SIXTEEN_BITS
 
     def keep_mask(self, shape: torch.Size) -> torch.Tensor:
-        """True with probability 1 - p (p rounded to 1/65536): four 16-bit draws per int64 draw."""
+        """True with probability 1 - drawn_p: four 16-bit draws per int64 draw."""
         count = shape.numel()
-        words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
-        # int16 values are uniform on [-32768, 32767]: below the threshold with probability p.
-        threshold = round(self.p * _SIXTEEN_BITS) - _SIXTEEN_BITS // 2
-        return (words.view(torch.int16)[:count] >= threshold).view(shape)
+        words = torch.empty((count + 3) // 4, dtype=torch.int64, device="cpu").random_(-(1 << 63), None)
+        # int16 values are uniform on [-32768, 32767]: below -32768 + threshold with probability drawn_p.
+        return (words.view(torch.int16)[:count] >= self.threshold - _SIXTEEN_BITS // 2).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        return _MaskedScale.apply(x, self.keep_mask(x.shape), 1 / (1 - self.p))
+        return _MaskedScale.apply(x, self.keep_mask(x.shape), 1 / (1 - self.drawn_p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -71,6 +76,6 @@ def use_fast_lora_dropout(model: torch.nn.Module) -> int:
             continue
         for adapter, dropout in dropouts.items():
             if type(dropout) is torch.nn.Dropout:
-                dropouts[adapter] = LoraDropout(dropout.p)
+                dropouts[adapter] = LoraDropout(dropout.p).train(dropout.training)
                 swapped += 1
     return swapped
