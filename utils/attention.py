@@ -70,6 +70,15 @@ class MatmulCausalAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None
 
 
+def in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in autocast's dtype where autocast is on for their device, else as they are."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def causal_attention(query, key, value, *, dropout: float, scale: float | None):
     """Causal attention of one example (or a batch of equal-length ones), no mask. key and value
     may have fewer heads than query (grouped-query attention); they are never repeated in memory:
@@ -77,11 +86,9 @@ def causal_attention(query, key, value, *, dropout: float, scale: float | None):
     Qwen2.5-Coder-7B's 28 layers without checkpointing)."""
     device = query.device.type
     if device == "cpu" and dropout == 0.0 and query.shape[-2] <= MATMUL_ATTENTION_MAX_TOKENS:
-        if torch.is_autocast_enabled(device):
-            # In autocast's dtype, as SDPA runs under autocast; the backward runs outside autocast,
-            # so the forward must see one dtype (a quantized base's LoRA layers return float32).
-            dtype = torch.get_autocast_dtype(device)
-            query, key, value = (t.to(dtype) for t in (query, key, value))
+        # In autocast's dtype, as SDPA runs under autocast; the backward runs outside autocast,
+        # so the forward must see one dtype (a quantized base's LoRA layers return float32).
+        query, key, value = in_autocast_dtype(query, key, value)
         with torch.autocast(device, enabled=False):
             return MatmulCausalAttention.apply(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
@@ -118,9 +125,7 @@ def varlen_causal_attention(query, key, value, *, sizes: list[int], scale: float
     query: (heads, length, head_dim), key/value: (kv_heads, length, head_dim); returns query's shape."""
     from torch.nn.attention.varlen import varlen_attn
 
-    if torch.is_autocast_enabled("cuda"):  # a custom op: autocast does not cast its inputs
-        dtype = torch.get_autocast_dtype("cuda")
-        query, key, value = (t.to(dtype) for t in (query, key, value))
+    query, key, value = in_autocast_dtype(query, key, value)  # a custom op: autocast does not cast its inputs
     bounds = torch.tensor(list(itertools.accumulate(sizes, initial=0)), device=query.device, dtype=torch.int32)
     longest = max(sizes)
     # window_size (-1, 0): everything before, nothing after (causal); (tokens, heads, head_dim) layout.

@@ -40,19 +40,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
             logits = (h @ weight.T).float()  # the head in the model's dtype, the loss in float32, as transformers does
-            target_logits = logits.gather(1, t[:, None])
+            rows = torch.arange(t.numel(), device=t.device)
+            target_logits = logits[rows, t]
             # log-sum-exp and the softmax from one exponential, in place (each pass over a chunk's
             # logits reads and writes 32 MB on a CPU).
             maxima = logits.amax(dim=-1, keepdim=True)
             exponentials = logits.sub_(maxima).exp_()
             sums = exponentials.sum(dim=-1, keepdim=True)
-            total += (sums.log() + maxima - target_logits).sum()
+            total += (sums.log()[:, 0] + maxima[:, 0] - target_logits).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
             # d(loss)/d(logits) = softmax - one-hot, each element rounded once to the head's dtype.
             inverse_sums = sums.reciprocal_()
             grad_logits = torch.mul(exponentials, inverse_sums, out=torch.empty_like(exponentials, dtype=h.dtype))
-            rows = torch.arange(t.numel(), device=t.device)
             grad_logits[rows, t] = (exponentials[rows, t] * inverse_sums[:, 0] - 1).to(h.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
