@@ -85,13 +85,17 @@ def run_ours(base_model, data_file, output_dir, steps, cutoff_len, gradient_chec
             probe["counter"] = TokenCounter(model)
             probe["started"] = time.perf_counter()
 
+        def on_train_end(self, args, state, control, **kwargs):
+            # trainer.train() alone, as for TRL: not finetune.py's saving of the adapter and loss plot after it
+            probe["ended"] = time.perf_counter()
+
     trainer = finetune.train(
         base_model=base_model, data_path=data_file, output_dir=output_dir, max_steps=steps, warmup_steps=0,
         val_set_size=0, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
         lora_target_modules=LORA["target_modules"], save_steps=10_000, logging_steps=1, cutoff_len=cutoff_len,
         gradient_checkpointing=gradient_checkpointing, callbacks=[Probe()], **SETTINGS,
     )
-    return trainer.model, probe["counter"].tokens, time.perf_counter() - probe["started"]
+    return trainer.model, probe["counter"].tokens, probe["ended"] - probe["started"]
 
 
 def run_trl(base_model, data_file, output_dir, steps, cutoff_len, padding_free, gradient_checkpointing=True):
