@@ -48,8 +48,8 @@ class MatmulCausalAttention(torch.autograd.Function):
         kv_heads = key.shape[-3]
         groups = heads // kv_heads
         query = query.reshape(*batch, kv_heads, groups * length, dim)
-        future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu_(1).repeat(groups, 1)
-        scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale).masked_fill_(future, float("-inf"))
+        scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)
+        scores.masked_fill_(future_mask(length, groups, query.device), float("-inf"))
         probabilities = torch.softmax(scores, dim=-1).to(query.dtype)
         output = torch.matmul(probabilities, value)
         ctx.save_for_backward(query, key, value, probabilities, output)
@@ -68,6 +68,14 @@ class MatmulCausalAttention(torch.autograd.Function):
         grad_query = torch.matmul(grad_scores, key).reshape(*batch, heads, length, dim)
         grad_key = torch.matmul(grad_scores.transpose(-1, -2), query)
         return grad_query, grad_key, grad_value, None
+
+
+@functools.lru_cache(maxsize=16)
+def future_mask(length: int, groups: int, device: torch.device) -> torch.Tensor:
+    """True above the diagonal (the future), once for each query head of a group: (groups x length,
+    length). Cached (at most 16 x 256² x groups bytes): every layer of a forward pass asks for the
+    same few lengths. Read-only."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).triu_(1).repeat(groups, 1)
 
 
 def in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -171,9 +179,8 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
         return causal_attention(q, k, v, dropout=dropout, scale=scaling)
 
     rows = []
-    for row, positions in enumerate(position_ids.expand(query.shape[0], -1)):
+    for positions, q, k, v in zip(position_ids.expand(query.shape[0], -1), *map(batch_rows, (query, key, value))):
         spans = example_spans(positions)
-        q, k, v = query[row], key[row], value[row]  # (heads, length, head_dim)
         length = spans[0][1]
         if all(end - start == length for start, end in spans):
             # Examples of one length (a GPU benchmark, fixed-length data): one batched call.
@@ -187,8 +194,15 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
             sizes = [end - start for start, end in spans]
             pieces = zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))
             with shape_free_kernels(q.device):
-                rows.append(torch.cat([attend(qe[None], ke[None], ve[None])[0] for qe, ke, ve in pieces], dim=1))
-    return torch.stack(rows).transpose(1, 2).contiguous(), None
+                rows.append(torch.cat([attend(qe[None], ke[None], ve[None]).squeeze(0) for qe, ke, ve in pieces], dim=1))
+    output = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def batch_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows of a batch, (heads, length, head_dim) each. A lone row (packed batches have one) is
+    a view both ways; indexing, tensor[row], would zero-fill a gradient the size of the batch."""
+    return (tensor.squeeze(0),) if tensor.shape[0] == 1 else tensor.unbind(0)
 
 
 def per_example_mask(*args, attention_mask=None, **kwargs):
