@@ -33,13 +33,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of cross_entropy(hidden @ weight.T, targets), and its gradient, by chunks."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, chunk_tokens, packed):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-            logits = (h @ weight.T).float()  # the head in the model's dtype, the loss in float32, as transformers does
+            # the head in the model's dtype, the loss in float32, as transformers does
+            logits = (h @ weight.T if packed is None else packed.times_transposed(h)).float()
             rows = torch.arange(t.numel(), device=t.device)
             target_logits = logits[rows, t]
             # log-sum-exp and the softmax from one exponential, in place (each pass over a chunk's
@@ -55,7 +56,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_logits = torch.mul(exponentials, inverse_sums, out=torch.empty_like(exponentials, dtype=h.dtype))
             grad_logits[rows, t] = (exponentials[rows, t] * inverse_sums[:, 0] - 1).to(h.dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
+                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight if packed is None else packed.times(grad_logits)
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -67,13 +68,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
-                None, None)
+                None, None, None)
 
 
-def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None):
+def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None, packed=None):
     """transformers' causal-LM loss (ForCausalLMLoss) from the final hidden states (batch, length,
     hidden) and the head's weight: labels shifted by one, -100 ignored, the sum divided by
-    num_items_in_batch (the tokens of the whole accumulated batch) or, without it, the mean."""
+    num_items_in_batch (the tokens of the whole accumulated batch) or, without it, the mean.
+    packed: the head's PackedWeight (utils/packed_weights.py) when it has one, for a frozen bf16 head."""
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     keep = targets != IGNORE_INDEX
     device = hidden.device.type
@@ -81,8 +83,10 @@ def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None):
     # The head's matmul in the dtype the model's own head runs in: autocast's under mixed precision
     # (the hidden states are float32 there when LoRA's float32 output joined the residual stream).
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    if dtype != torch.bfloat16:
+        packed = None  # the packs are bf16
     with torch.autocast(device, enabled=False):
-        total = LinearCrossEntropy.apply(hidden[keep].to(dtype), weight.to(dtype), targets[keep], chunk_tokens)
+        total = LinearCrossEntropy.apply(hidden[keep].to(dtype), weight.to(dtype), targets[keep], chunk_tokens, packed)
     if num_items_in_batch is None:
         return total / keep.sum().clamp(min=1)
     if torch.is_tensor(num_items_in_batch):
@@ -105,8 +109,12 @@ def head_skipped(head):
     """The model's forward returns its final hidden states in place of the logits (the head
     passes its input through), so that the loss can apply the head itself, chunk by chunk. The
     forward still runs through every wrapper (DDP, accelerate), only the head is bypassed."""
+    previous = head.__dict__.get("forward")  # an instance's own forward (utils/packed_weights.py)
     head.forward = lambda hidden_states: hidden_states
     try:
         yield
     finally:
-        del head.forward  # back to the class's forward
+        if previous is None:
+            del head.forward  # back to the class's forward
+        else:
+            head.forward = previous

@@ -1,0 +1,105 @@
+"""Frozen bf16 matmuls on a CPU through weights packed once for oneDNN.
+
+A LoRA run multiplies by the same frozen weights at every micro-batch. On a CPU, `F.linear` and
+`mm` hand oneDNN a plain row-major weight, which it reorders into its blocked layout inside every
+call. `torch.ops.mkldnn._reorder_linear_weight` does that once (what inductor's freezing pass does
+for CPU inference), and `torch.ops.mkldnn._linear_pointwise` multiplies by the packed weight. The
+result is the same to the last bit (same kernel, same order of sums); the matmuls are faster: on 2
+cores of an AMD EPYC (bf16), SmolLM2's layer shapes at 500-740 tokens 410-440 against 340-420
+GFLOP/s, its output head 396 against 348 forward and 346 against 290 for the input gradient
+(bench/RESULTS.md has the training A/B).
+
+`packed_frozen_linears` packs, for the duration of a block (finetune.py: the training loop), every
+frozen bf16 `nn.Linear` of a model that lives on a CPU; the packs are freed when it ends. A layer's
+forward pass then multiplies by its forward pack; its input gradient uses the weight itself (a
+second pack for it would gain about 1% for another copy of every weight). The output head also gets
+a backward pack, which the chunked loss (utils/loss.py) uses: its input gradient, (tokens x
+vocabulary) @ (vocabulary x hidden), is where the plain matmul is slowest. Memory: one packed copy of
+the frozen linear weights, two of the head's.
+"""
+
+import contextlib
+import functools
+
+import torch
+
+
+def packing_supported(weight: torch.Tensor) -> bool:
+    """Whether a weight can be packed: bf16, on a CPU whose oneDNN runs bf16."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) in oneDNN's blocked layout for x @ weight.T, for inputs of any number of rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+def _times_packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+
+class PackedWeight:
+    """A frozen (out, in) weight packed for x @ weight.T, and with backward=True also for g @ weight."""
+
+    def __init__(self, weight: torch.Tensor, *, backward: bool = False):
+        self.weight = weight
+        self.forward_pack = _pack(weight)
+        self.backward_pack = _pack(weight.t()) if backward else None
+
+    def times_transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T (x in bf16; no autograd)."""
+        return _times_packed(x, self.forward_pack)
+
+    def times(self, gradient: torch.Tensor) -> torch.Tensor:
+        """gradient @ weight (no autograd)."""
+        if self.backward_pack is None:
+            return gradient @ self.weight
+        return _times_packed(gradient, self.backward_pack)
+
+
+class _PackedLinear(torch.autograd.Function):
+    """x @ weight.T for a frozen weight: the input's gradient only."""
+
+    @staticmethod
+    def forward(ctx, x, packed: PackedWeight):
+        ctx.packed = packed
+        return packed.times_transposed(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return ctx.packed.times(grad_output), None
+
+
+def _packed_forward(x: torch.Tensor, *, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    # nn.Linear under autocast computes in bf16 whatever its input (PEFT and norms may pass float32).
+    output = _PackedLinear.apply(x.to(torch.bfloat16), packed)
+    return output if bias is None else output + bias
+
+
+def packed_weight_of(module: torch.nn.Module) -> PackedWeight | None:
+    """The packs of a module inside packed_frozen_linears, else None."""
+    return module.__dict__.get("packed_weight")
+
+
+@contextlib.contextmanager
+def packed_frozen_linears(model: torch.nn.Module, *, head: torch.nn.Module | None = None):
+    """Inside the block, every frozen bf16 nn.Linear of model on a CPU multiplies through packed
+    weights (module docstring); head (the output head, if the loss applies it itself) also gets a
+    pack for its input gradient. Outside, the modules are as they were. The weights must not
+    change inside the block (they are frozen)."""
+    swapped = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (type(module) is not torch.nn.Linear or weight.requires_grad or not packing_supported(weight)
+                or (module.bias is not None and module.bias.requires_grad)):
+            continue
+        packed = PackedWeight(weight, backward=module is head)
+        module.packed_weight = packed
+        module.forward = functools.partial(_packed_forward, packed=packed, bias=module.bias)
+        swapped.append(module)
+    try:
+        yield len(swapped)
+    finally:
+        for module in swapped:
+            del module.forward, module.packed_weight  # back to the class's forward; the packs are freed
