@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from utils.attention import PER_EXAMPLE_SDPA
 from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
 from utils.cli import parse_list, run_cli
-from utils.dropout import use_fast_lora_dropout
+from utils.dropout import skip_lora_input_copies, use_fast_lora_dropout
 from utils.errors import CodeUpError
 from utils.files import read_json, read_jsonl
 from utils.loss import head_of, head_skipped, linear_cross_entropy
@@ -463,8 +463,10 @@ def add_lora(model, *, quantized, lora_r, lora_alpha, lora_dropout, target_modul
         bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    # The same dropout at a third of its cost on a CPU (utils/dropout.py).
+    # The same dropout at a third of its cost on a CPU, and no float32 copy of each LoRA input
+    # under autocast (utils/dropout.py).
     use_fast_lora_dropout(model)
+    skip_lora_input_copies(model)
     model.print_trainable_parameters()
     return model
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import finetune
-from utils.dropout import LoraDropout, use_fast_lora_dropout
+from utils.dropout import LoraDropout, skip_lora_input_copies, use_fast_lora_dropout
 from utils.model_loading import load_tokenizer
 
 
@@ -80,3 +80,32 @@ def test_use_fast_lora_dropout_counts_what_it_changed():
     assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     swapped = [m for m in model.modules() if isinstance(m, LoraDropout)]
     assert len(swapped) == 2 and not any(m.training for m in swapped)  # the mode it found
+
+
+def test_lora_inputs_stay_in_autocasts_dtype_and_compute_the_same():
+    """Under autocast a LoRA layer's input is no longer copied to float32 (and cast straight back
+    by the LoRA matmul); outside autocast it still is (float32 adapters on a bf16 base need it)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)).bfloat16()
+    model = get_peft_model(base, LoraConfig(r=4, lora_dropout=0.1, target_modules=["0"]))  # adapters in float32
+    use_fast_lora_dropout(model)
+    torch.nn.init.normal_(model.base_model.model[0].lora_B["default"].weight)  # B starts at 0: no LoRA output
+    model.train()
+    x = torch.randn(3, 10, 64, dtype=torch.bfloat16)
+    seen = []
+    model.base_model.model[0].lora_dropout["default"].register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
+
+    def run():
+        torch.manual_seed(1)  # the same dropout mask
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+
+    before = run()
+    assert skip_lora_input_copies(model) == 1
+    after = run()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert torch.equal(before, after)  # dropout and the LoRA matmuls give the same bits
+    model.eval()
+    assert model(x).dtype == torch.bfloat16 and seen[-1] == torch.float32  # outside autocast: cast as PEFT does
