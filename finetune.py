@@ -42,6 +42,7 @@ from utils.model_loading import (
 from utils.packed_weights import packed_frozen_linears, packed_weight_of
 from utils.precision import enable_tf32, resolve_precision, torch_dtype
 from utils.prompter import Prompter, load_template, save_template_record
+from utils.rms_norm import use_fast_rms_norm
 from utils.tokenization import has_trainable_labels, tokenize_for_training
 
 CHECKPOINT_COMPLETE = "checkpoint_complete"  # written last into each checkpoint that is whole
@@ -463,10 +464,11 @@ def add_lora(model, *, quantized, lora_r, lora_alpha, lora_dropout, target_modul
         bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    # The same dropout at a third of its cost on a CPU, and no float32 copy of each LoRA input
-    # under autocast (utils/dropout.py).
+    # The same dropout at a third of its cost on a CPU, no float32 copy of each LoRA input under
+    # autocast (utils/dropout.py), and the frozen norms' backward by hand (utils/rms_norm.py).
     use_fast_lora_dropout(model)
     skip_lora_input_copies(model)
+    use_fast_rms_norm(model)
     model.print_trainable_parameters()
     return model
 

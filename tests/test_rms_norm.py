@@ -1,0 +1,71 @@
+"""The hand-written RMSNorm (utils/rms_norm.py) computes what each transformers class it replaces
+computes, and only where it applies."""
+
+import importlib
+
+import pytest
+import torch
+
+from utils.rms_norm import LLAMA_RMS_NORMS, RMSNormFunction, use_fast_rms_norm
+
+MODEL_TYPES = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "MixtralRMSNorm": "mixtral",
+               "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3", "Qwen2MoeRMSNorm": "qwen2_moe",
+               "Qwen3MoeRMSNorm": "qwen3_moe", "Phi3RMSNorm": "phi3"}
+
+
+def transformers_norm(class_name: str, size: int):
+    module = importlib.import_module(f"transformers.models.{MODEL_TYPES[class_name]}.modeling_{MODEL_TYPES[class_name]}")
+    norm = getattr(module, class_name)(size, eps=1e-5).bfloat16().requires_grad_(False)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    return norm
+
+
+def test_every_replaced_class_is_covered():
+    assert set(MODEL_TYPES) == LLAMA_RMS_NORMS
+
+
+@pytest.mark.parametrize("class_name", sorted(LLAMA_RMS_NORMS))
+def test_same_output_and_input_gradient_as_the_class(class_name):
+    torch.manual_seed(0)
+    norm = transformers_norm(class_name, 96)
+    x = (3 * torch.randn(2, 33, 96)).bfloat16().requires_grad_(True)
+    grad_output = torch.randn(2, 33, 96, dtype=torch.bfloat16)
+    theirs = norm(x)
+    (their_grad,) = torch.autograd.grad(theirs, x, grad_output)
+    assert use_fast_rms_norm(norm) == 1
+    ours = norm(x)
+    (our_grad,) = torch.autograd.grad(ours, x, grad_output)
+    assert ours.grad_fn.name().startswith(RMSNormFunction.__name__)  # this path, not the class's
+    assert torch.equal(ours, theirs)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-2, atol=1e-2 * their_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("case", ["float32", "trained weight", "other class"])
+def test_elsewhere_the_class_forward_runs(case):
+    norm = transformers_norm("LlamaRMSNorm", 16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    if case == "float32":
+        norm, x = norm.float(), x.detach().float().requires_grad_(True)
+    elif case == "trained weight":
+        norm.weight.requires_grad_(True)
+    else:
+        norm = transformers_norm("LlamaRMSNorm", 16)
+        norm.__class__ = type("GemmaLikeRMSNorm", (type(norm),), {})  # not a known formula: left alone
+    expected = norm(x)
+    use_fast_rms_norm(norm)
+    output = norm(x)
+    assert RMSNormFunction.__name__ not in output.grad_fn.name()
+    assert torch.equal(output, expected)
+
+
+def test_finetune_puts_it_on_every_norm(tiny_llama_dir):
+    import finetune
+    from utils.model_loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_llama_dir), padding_side="right")
+    model = finetune.build_lora_model(
+        base_model=str(tiny_llama_dir), tokenizer=tokenizer, load_in_8bit=False, load_in_4bit=False,
+        dtype=torch.bfloat16, lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    norms = [module for module in model.modules() if type(module).__name__ in LLAMA_RMS_NORMS]
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1
+    assert all("forward" in vars(norm) for norm in norms)

@@ -1,0 +1,58 @@
+"""RMSNorm with a hand-written backward, for the frozen half-precision norms of a LoRA run on a CPU.
+
+transformers' Llama-family RMSNorm (LlamaRMSNorm and its copies in Mistral, Mixtral, Qwen2/3, the
+MoE Qwens and Phi-3: the same forward, word for word) upcasts its bf16 input to float32 and leaves
+the rest to autograd, whose backward runs through pow, mean, rsqrt and both casts and keeps float32
+copies of the hidden states for it. `RMSNormFunction` computes the same formula in fewer passes and
+keeps the bf16 input and one float32 per token. Same results to the last bit here (the tests
+compare each class, forward and input gradient); forward + backward at 817 x 576 tokens on 2 cores:
+1.9 against 2.9 ms, and a SmolLM2 micro-batch runs 61 norms. Elsewhere (a GPU, float32, a norm
+being trained) the module's own forward runs.
+"""
+
+import functools
+
+import torch
+
+LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
+                             "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm"})
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * (x * rsqrt(mean(x²) + eps)), in float32 and rounded to x's dtype before the
+    weight, as LlamaRMSNorm computes it; weight frozen, x in half precision."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        variance = x.float().pow_(2).mean(-1, keepdim=True)  # x.float() is a copy: x is half precision
+        rstd = variance.add_(eps).rsqrt_()
+        normed = torch.mul(x, rstd, out=torch.empty_like(x))  # the float32 product, rounded once
+        ctx.save_for_backward(x, rstd, weight)
+        return normed.mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, rstd, weight = ctx.saved_tensors
+        grad_normed = (grad_output * weight).float()
+        # d/dx of x * rstd(x): rstd * g - x * rstd³ * mean(g * x)
+        coefficient = (grad_normed * x).sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(-x.shape[-1])
+        return grad_normed.mul_(rstd).addcmul_(x, coefficient).to(x.dtype), None, None
+
+
+def _rms_norm_forward(hidden_states: torch.Tensor, *, module: torch.nn.Module, original) -> torch.Tensor:
+    weight = module.weight
+    if (hidden_states.device.type != "cpu" or hidden_states.dtype not in (torch.bfloat16, torch.float16)
+            or weight.dtype != hidden_states.dtype or weight.requires_grad):
+        return original(hidden_states)
+    return RMSNormFunction.apply(hidden_states, weight, module.variance_epsilon)
+
+
+def use_fast_rms_norm(model: torch.nn.Module) -> int:
+    """Every Llama-family RMSNorm of model computes through RMSNormFunction where it applies (see
+    the module docstring); returns how many norms were changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ in LLAMA_RMS_NORMS and "forward" not in vars(module):
+            module.forward = functools.partial(_rms_norm_forward, module=module, original=module.forward)
+            changed += 1
+    return changed
