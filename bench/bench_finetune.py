@@ -14,7 +14,8 @@ TRL defaults, ours, ...) so that drift in the machine's speed (other work on it)
 All train SmolLM2-135M (or --base_model) with LoRA r=8 on q_proj,v_proj, micro-batches of 4,
 gradient accumulation to 16, the same precision (utils/precision.py: bf16 on CPUs with native
 bf16), on the first --records such records of Code Alpaca, for --steps steps. Reported (medians):
-  - tokens/s: real (non-pad) tokens fed to the model during trainer.train(), divided by its time;
+  - tokens/s: real (non-pad) tokens fed to the model during trainer.train(), divided by its time
+    (both from the Trainer's on_train_begin to its on_train_end);
   - peak RSS of the process (and peak GPU memory on CUDA);
   - achieved FLOP/s = 4 x parameters x tokens / time (forward + input gradients; the frozen base
     needs no weight gradients; attention not counted), as a share of the matmul peak of the same
@@ -73,29 +74,36 @@ def precision_name() -> str:
     return resolve_precision("auto", stage="training", device="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_ours(base_model, data_file, output_dir, steps, cutoff_len, gradient_checkpointing=False):
+def training_window():
+    """A TrainerCallback timing trainer.train() from its on_train_begin to its on_train_end, and
+    counting the real tokens in between: the same window for every trainer (not finetune.py's saving
+    of the adapter and loss plot after it, nor accelerate's preparation before)."""
     import transformers
 
-    import finetune
+    class TrainingWindow(transformers.TrainerCallback):
+        counter = started = ended = None
 
-    probe = {}
-
-    class Probe(transformers.TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            probe["counter"] = TokenCounter(model)
-            probe["started"] = time.perf_counter()
+            self.counter = TokenCounter(model)
+            self.started = time.perf_counter()
 
         def on_train_end(self, args, state, control, **kwargs):
-            # trainer.train() alone, as for TRL: not finetune.py's saving of the adapter and loss plot after it
-            probe["ended"] = time.perf_counter()
+            self.ended = time.perf_counter()
 
+    return TrainingWindow()
+
+
+def run_ours(base_model, data_file, output_dir, steps, cutoff_len, gradient_checkpointing=False):
+    import finetune
+
+    window = training_window()
     trainer = finetune.train(
         base_model=base_model, data_path=data_file, output_dir=output_dir, max_steps=steps, warmup_steps=0,
         val_set_size=0, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
         lora_target_modules=LORA["target_modules"], save_steps=10_000, logging_steps=1, cutoff_len=cutoff_len,
-        gradient_checkpointing=gradient_checkpointing, callbacks=[Probe()], **SETTINGS,
+        gradient_checkpointing=gradient_checkpointing, callbacks=[window], **SETTINGS,
     )
-    return trainer.model, probe["counter"].tokens, probe["ended"] - probe["started"]
+    return trainer.model, window.counter.tokens, window.ended - window.started
 
 
 def run_trl(base_model, data_file, output_dir, steps, cutoff_len, padding_free, gradient_checkpointing=True):
@@ -125,10 +133,10 @@ def run_trl(base_model, data_file, output_dir, steps, cutoff_len, padding_free, 
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA))
-    counter = TokenCounter(trainer.model)
-    started = time.perf_counter()
+    window = training_window()
+    trainer.add_callback(window)
     trainer.train()
-    return trainer.model, counter.tokens, time.perf_counter() - started
+    return trainer.model, window.counter.tokens, window.ended - window.started
 
 
 def child(which: str, base_model: str, data_file: str, output_dir: str, steps: int, cutoff_len: int):

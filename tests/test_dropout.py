@@ -97,15 +97,24 @@ def test_lora_inputs_stay_in_autocasts_dtype_and_compute_the_same():
     seen = []
     model.base_model.model[0].lora_dropout["default"].register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
 
+    lora_weights = [p for p in model.parameters() if p.requires_grad]
+
     def run():
         torch.manual_seed(1)  # the same dropout mask
+        inputs = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(x)
+            output = model(inputs)
+        grads = torch.autograd.grad(output.float().square().sum(), [inputs, *lora_weights])
+        return output, grads
 
-    before = run()
+    before, before_grads = run()
     assert skip_lora_input_copies(model) == 1
-    after = run()
+    assert skip_lora_input_copies(model) == 0  # once per layer
+    after, after_grads = run()
     assert seen == [torch.float32, torch.bfloat16]
     assert torch.equal(before, after)  # dropout and the LoRA matmuls give the same bits
+    for mine, reference in zip(after_grads, before_grads):  # the input's and the LoRA weights' gradients
+        assert mine.dtype == reference.dtype
+        torch.testing.assert_close(mine, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item())
     model.eval()
     assert model(x).dtype == torch.bfloat16 and seen[-1] == torch.float32  # outside autocast: cast as PEFT does

@@ -68,4 +68,5 @@ def test_finetune_puts_it_on_every_norm(tiny_llama_dir):
         dtype=torch.bfloat16, lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     norms = [module for module in model.modules() if type(module).__name__ in LLAMA_RMS_NORMS]
     assert len(norms) == 2 * model.config.num_hidden_layers + 1
-    assert all("forward" in vars(norm) for norm in norms)
+    x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    assert all(RMSNormFunction.__name__ in norm(x).grad_fn.name() for norm in norms)

@@ -70,11 +70,11 @@ class MatmulCausalAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def future_mask(length: int, groups: int, device: torch.device) -> torch.Tensor:
     """True above the diagonal (the future), once for each query head of a group: (groups x length,
-    length). Cached (at most 16 x 256² x groups bytes): every layer of a forward pass asks for the
-    same few lengths. Read-only."""
+    length). Cached (CPU examples of up to 256 tokens: at most 64 x 64 KB x groups): every layer of
+    a forward pass asks for the same lengths, one per example of the micro-batch. Read-only."""
     return torch.ones(length, length, dtype=torch.bool, device=device).triu_(1).repeat(groups, 1)
 
 

@@ -17,11 +17,12 @@ already fused, and LoraDropout calls it.
 
 PEFT also casts each LoRA layer's input to the adapter's dtype (float32) before the dropout; under
 autocast the LoRA matmuls cast it straight back to bf16. `skip_lora_input_copies` keeps the input as
-it is there (outside autocast the cast stays): the same results to the last bit on a CPU, and a
-SmolLM2 training micro-batch 4% faster (bench/RESULTS.md).
+it is there, on a CPU under autocast (elsewhere the cast stays; GPUs were not measured): the same
+results to the last bit, and a SmolLM2 training micro-batch 4% faster (bench/RESULTS.md).
 """
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -88,23 +89,25 @@ def use_fast_lora_dropout(model: torch.nn.Module) -> int:
     return swapped
 
 
-def _cast_outside_autocast(x, dtype, *, cast):
-    """PEFT's cast of a LoRA layer's input to the adapter's dtype, except under autocast: there the
-    LoRA matmuls run in autocast's dtype anyway, and the float32 copy of a bf16 input (one per LoRA
-    layer, and its gradient's on the way back) would be cast straight back."""
-    if x is not None and torch.is_autocast_enabled(x.device.type):
+def _cast_outside_autocast(x, dtype, *, layer):
+    """PEFT's cast of a LoRA layer's input to the adapter's dtype, except on a CPU under autocast for
+    a plain LoRA layer (no DoRA or other variant): there the LoRA matmuls run in autocast's dtype
+    anyway, and the float32 copy of a bf16 input (and its gradient's on the way back) would be cast
+    straight back."""
+    if x is not None and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not layer.lora_variant:
         return x
-    return cast(x, dtype)
+    return layer.__class__._cast_input_dtype(layer, x, dtype)  # layer is a weak proxy: not type(layer)
 
 
 def skip_lora_input_copies(model: torch.nn.Module) -> int:
-    """Every plain LoRA layer (no DoRA or other variant) casts its input to float32 only outside
-    autocast (see _cast_outside_autocast); returns how many layers were changed. What is computed
-    does not change: dropout in the input's dtype scales exactly as in float32 (LoraDropout), and the
-    LoRA matmuls under autocast round their input to autocast's dtype either way."""
+    """Every LoRA layer casts its input to float32 as _cast_outside_autocast says; returns how many
+    layers were changed. What is computed does not change: dropout in the input's dtype scales
+    exactly as in float32 (LoraDropout), and the LoRA matmuls under autocast round their input to
+    autocast's dtype either way."""
     changed = 0
     for module in model.modules():
-        if hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype") and not getattr(module, "lora_variant", None):
-            module._cast_input_dtype = functools.partial(_cast_outside_autocast, cast=module._cast_input_dtype)
+        if hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype") and "_cast_input_dtype" not in vars(module):
+            # A weak reference: the module's own attribute must not keep it alive (a cycle).
+            module._cast_input_dtype = functools.partial(_cast_outside_autocast, layer=weakref.proxy(module))
             changed += 1
     return changed

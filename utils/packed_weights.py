@@ -11,17 +11,22 @@ GFLOP/s, its output head 396 against 348 forward and 346 against 290 for the inp
 
 `packed_frozen_linears` packs, for the duration of a block (finetune.py: the training loop), every
 frozen bf16 `nn.Linear` of a model that lives on a CPU; the packs are freed when it ends. A layer's
-forward pass then multiplies by its forward pack; its input gradient uses the weight itself (a
-second pack for it would gain about 1% for another copy of every weight). The output head also gets
-a backward pack, which the chunked loss (utils/loss.py) uses: its input gradient, (tokens x
-vocabulary) @ (vocabulary x hidden), is where the plain matmul is slowest. Memory: one packed copy of
-the frozen linear weights, two of the head's.
+forward pass then multiplies by its forward pack (the bias added in the same kernel, as F.linear
+does); its input gradient uses the weight itself (a second pack for it gained nothing measurable,
+for another copy of every weight). The output head also gets a backward pack, which the chunked
+loss (utils/loss.py) uses: its input gradient, (tokens x vocabulary) @ (vocabulary x hidden), is
+where the plain matmul is slowest. Memory: one packed copy of the frozen linear weights, two of the
+head's (SmolLM2-135M: about 320 MB). Where that would take more than half the memory available,
+nothing is packed (a 7B base in bf16 on a CPU: 13 GB more), and the run says so.
 """
 
 import contextlib
 import functools
 
+import psutil
 import torch
+
+from utils.logs import logger
 
 
 def packing_supported(weight: torch.Tensor) -> bool:
@@ -35,8 +40,8 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
 
 
-def _times_packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+def _times_packed(x: torch.Tensor, packed: torch.Tensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
 class PackedWeight:
@@ -59,22 +64,23 @@ class PackedWeight:
 
 
 class _PackedLinear(torch.autograd.Function):
-    """x @ weight.T for a frozen weight: the input's gradient only."""
+    """x @ weight.T + bias for a frozen weight and bias: the input's gradient only."""
 
     @staticmethod
-    def forward(ctx, x, packed: PackedWeight):
+    def forward(ctx, x, packed: PackedWeight, bias):
         ctx.packed = packed
-        return packed.times_transposed(x)
+        return _times_packed(x, packed.forward_pack, bias=bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return ctx.packed.times(grad_output), None
+        return ctx.packed.times(grad_output), None, None
 
 
 def _packed_forward(x: torch.Tensor, *, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    if packed.weight.requires_grad or (bias is not None and bias.requires_grad):  # unfrozen since
+        return torch.nn.functional.linear(x, packed.weight, bias)
     # nn.Linear under autocast computes in bf16 whatever its input (PEFT and norms may pass float32).
-    output = _PackedLinear.apply(x.to(torch.bfloat16), packed)
-    return output if bias is None else output + bias
+    return _PackedLinear.apply(x.to(torch.bfloat16), packed, bias)
 
 
 def packed_weight_of(module: torch.nn.Module) -> PackedWeight | None:
@@ -82,23 +88,35 @@ def packed_weight_of(module: torch.nn.Module) -> PackedWeight | None:
     return module.__dict__.get("packed_weight")
 
 
+def packable_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The frozen bf16 nn.Linear modules of model on a CPU that have no forward of their own (an
+    accelerate hook, another patch) to keep."""
+    return [module for module in model.modules()
+            if type(module) is torch.nn.Linear and "forward" not in vars(module)
+            and not module.weight.requires_grad and packing_supported(module.weight)
+            and (module.bias is None or (not module.bias.requires_grad and module.bias.dtype == torch.bfloat16))]
+
+
 @contextlib.contextmanager
 def packed_frozen_linears(model: torch.nn.Module, *, head: torch.nn.Module | None = None):
     """Inside the block, every frozen bf16 nn.Linear of model on a CPU multiplies through packed
     weights (module docstring); head (the output head, if the loss applies it itself) also gets a
-    pack for its input gradient. Outside, the modules are as they were. The weights must not
-    change inside the block (they are frozen)."""
+    pack for its input gradient. Outside, even after an error, the modules are as they were. Yields
+    the number of modules packed."""
+    modules = packable_linears(model)
+    pack_bytes = sum(module.weight.nbytes * (2 if module is head else 1) for module in modules)
+    available = psutil.virtual_memory().available
+    if modules and pack_bytes > available / 2:
+        logger.warning(f"Not packing the frozen weights for the CPU's matmuls (faster): they would take "
+                       f"{pack_bytes / 2**20:.0f} MB more, with {available / 2**20:.0f} MB available")
+        modules = []
     swapped = []
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module) is not torch.nn.Linear or weight.requires_grad or not packing_supported(weight)
-                or (module.bias is not None and module.bias.requires_grad)):
-            continue
-        packed = PackedWeight(weight, backward=module is head)
-        module.packed_weight = packed
-        module.forward = functools.partial(_packed_forward, packed=packed, bias=module.bias)
-        swapped.append(module)
     try:
+        for module in modules:
+            packed = PackedWeight(module.weight, backward=module is head)
+            module.packed_weight = packed
+            module.forward = functools.partial(_packed_forward, packed=packed, bias=module.bias)
+            swapped.append(module)
         yield len(swapped)
     finally:
         for module in swapped:

@@ -11,6 +11,7 @@ being trained) the module's own forward runs.
 """
 
 import functools
+import weakref
 
 import torch
 
@@ -39,11 +40,11 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_normed.mul_(rstd).addcmul_(x, coefficient).to(x.dtype), None, None
 
 
-def _rms_norm_forward(hidden_states: torch.Tensor, *, module: torch.nn.Module, original) -> torch.Tensor:
+def _rms_norm_forward(hidden_states: torch.Tensor, *, module: torch.nn.Module) -> torch.Tensor:
     weight = module.weight
     if (hidden_states.device.type != "cpu" or hidden_states.dtype not in (torch.bfloat16, torch.float16)
             or weight.dtype != hidden_states.dtype or weight.requires_grad):
-        return original(hidden_states)
+        return module.__class__.forward(module, hidden_states)  # module is a weak proxy: not type(module)
     return RMSNormFunction.apply(hidden_states, weight, module.variance_epsilon)
 
 
@@ -53,6 +54,7 @@ def use_fast_rms_norm(model: torch.nn.Module) -> int:
     changed = 0
     for module in model.modules():
         if type(module).__name__ in LLAMA_RMS_NORMS and "forward" not in vars(module):
-            module.forward = functools.partial(_rms_norm_forward, module=module, original=module.forward)
+            # A weak reference: the module's own attribute must not keep it alive (a cycle).
+            module.forward = functools.partial(_rms_norm_forward, module=weakref.proxy(module))
             changed += 1
     return changed
