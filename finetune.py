@@ -218,7 +218,7 @@ def train(
     # Before the completion marker, so a checkpoint marked whole always has its template.
     trainer.callback_handler.callbacks.insert(0, RecordPromptTemplate(template_record))
     # On a CPU in bf16, the frozen matmuls run through weights packed once for oneDNN
-    # (utils/packed_weights.py: the same results, 10% faster here); the packs go when training ends.
+    # (utils/packed_weights.py: the same results, about 5% faster here); the packs go when training ends.
     with packed_frozen_linears(trainer.model, head=head_of(trainer.model)):
         trainer.train(resume_from_checkpoint=checkpoint)
 

@@ -83,8 +83,8 @@ def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None, pac
     # The head's matmul in the dtype the model's own head runs in: autocast's under mixed precision
     # (the hidden states are float32 there when LoRA's float32 output joined the residual stream).
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    if dtype != torch.bfloat16:
-        packed = None  # the packs are bf16
+    if dtype != torch.bfloat16 or weight.requires_grad:
+        packed = None  # the packs are bf16, of a frozen weight
     with torch.autocast(device, enabled=False):
         total = LinearCrossEntropy.apply(hidden[keep].to(dtype), weight.to(dtype), targets[keep], chunk_tokens, packed)
     if num_items_in_batch is None:
