@@ -27,12 +27,24 @@ import psutil
 import torch
 
 from utils.logs import logger
+from utils.precision import cpu_native_bf16
+
+
+@functools.cache
+def _packing_ops_present() -> bool:
+    """Whether this torch has oneDNN and the two ops used here (torch's own, private, used by
+    inductor: a torch without them packs nothing)."""
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def packing_supported(weight: torch.Tensor) -> bool:
-    """Whether a weight can be packed: bf16, on a CPU whose oneDNN runs bf16."""
+    """Whether a weight can be packed: a 2-D bf16 weight on a CPU with native bf16 (utils/precision.py)."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and cpu_native_bf16() and _packing_ops_present())
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
