@@ -33,6 +33,11 @@ BROKEN_CANONICAL = {
     "JavaScript/155": "loops while num > 0, so evenOddCount(0) gives [0, 0]; the test wants [1, 0]",
     "Rust/50": "the test calls rand's gen_range(low, high), gone since rand 0.8 (CodeGeeX pinned 0.4; Debian has 0.8)",
 }
+# Canonical solutions that pass or fail by chance (see the same README table).
+FLAKY_CANONICAL = {
+    "Go/95": "it stops at the second key that agrees with the first, and Go randomizes map order: "
+             "{'p', 'A', 'B'} gives true when 'A' and 'B' come first",
+}
 
 
 def need(task):
@@ -95,9 +100,11 @@ def test_humanevalx_all_canonical_solutions_score_164(language, tmp_path):
     scores = json.loads((tmp_path / "out" / f"{task}_results.json").read_text())
     failed = {row["task_id"]: row["result"] for row in map(json.loads, (tmp_path / "out" / f"{task}_samples.jsonl").open())
               if not row["passed"]}
-    broken = {task_id for task_id in BROKEN_CANONICAL if task_id.split("/")[0].lower() == rows[0]["task_id"].split("/")[0].lower()}
-    assert set(failed) == broken, failed
-    assert scores["problems"] == 164 and scores["passed"] == 164 - len(broken)
+    this_language = lambda task_id: task_id.split("/")[0].lower() == rows[0]["task_id"].split("/")[0].lower()
+    broken = set(filter(this_language, BROKEN_CANONICAL))
+    flaky = set(filter(this_language, FLAKY_CANONICAL))
+    assert broken <= set(failed) <= broken | flaky, failed
+    assert scores["problems"] == 164 and scores["passed"] == 164 - len(failed)
 
 
 @pytest.mark.slow
