@@ -15,21 +15,24 @@ def test_keeps_one_minus_p_of_the_elements_and_scales_them_as_nn_dropout_does():
     out = dropout(x)
     kept = out != 0
     assert kept.float().mean().item() == pytest.approx(0.95, abs=0.002)  # 200k elements: 4 standard errors
-    assert dropout.drawn_p == 3277 / 65536  # p rounded to the 16-bit draws
+    assert dropout.drawn_p == 1638 / 32768  # p rounded to the 15-bit draws
     # Kept float32 elements (PEFT's LoRA input): nn.Dropout's factor for that p, to the last bit
     # (its mask is bernoulli(1 - p) / (1 - p) in float32).
     factor = torch.ones(()).div_(1 - dropout.drawn_p)
     assert torch.equal(out[kept], x[kept] * factor)
 
 
-def test_a_bfloat16_input_gets_the_exact_factor_rounded_once():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+def test_a_half_precision_input_gets_the_exact_factor_rounded_once(dtype, p):
     torch.manual_seed(0)
-    x = torch.randn(300, 300, dtype=torch.bfloat16)
-    dropout = LoraDropout(0.05).train()
+    x = torch.randn(400, 500, dtype=dtype)
+    dropout = LoraDropout(p).train()
     out = dropout(x)
     kept = out != 0
-    expected = (x.float() * (1 / (1 - dropout.drawn_p))).to(torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and torch.equal(out[kept], expected[kept])
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)  # 200k elements: > 4 standard errors
+    expected = (x.float() * (1 / (1 - dropout.drawn_p))).to(dtype)
+    assert out.dtype == dtype and torch.equal(out[kept], expected[kept])
 
 
 def test_gradient_is_the_same_mask_and_scale():

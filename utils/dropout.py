@@ -3,11 +3,14 @@
 PEFT runs a LoRA layer as `lora_B(lora_A(dropout(x)))` with `nn.Dropout`, which on a CPU draws a
 float32 mask with `bernoulli_`: one 32-bit random number per element, 7% of a SmolLM2 training
 step (LoRA on q/v), more than all its elementwise arithmetic, and a 4-byte mask kept per element for
-the backward pass. `use_fast_lora_dropout` swaps in `LoraDropout`, which on a CPU draws 16 random
-bits per element (one 64-bit draw gives four) and keeps a one-byte mask.
+the backward pass. `use_fast_lora_dropout` swaps in `LoraDropout`, which on a CPU draws 15 random
+bits per element (one 64-bit draw gives four) and turns them into a 0/1 mask in the input's dtype
+by integer arithmetic on 16-bit lanes: multiplying by that vectorizes where a boolean mask does
+not (forward 0.55 against 1.06 ms, backward 0.07 against 0.29 ms, at 700 x 576 bf16). The mask
+kept for the backward pass is two bytes an element in half precision.
 
 What is computed is nn.Dropout's: each element is kept with probability 1 - p and multiplied by
-1/(1 - p), with p rounded to a multiple of 1/65536 (0.05 -> 0.0500031; the factor uses the rounded
+1/(1 - p), with p rounded to a multiple of 1/32768 (0.05 -> 0.0499878; the factor uses the rounded
 p, so the expectation is the input). PEFT casts a LoRA layer's input to float32 first, where the
 result is nn.Dropout's to the last bit (for that p). On a half-precision input the factor stays
 exact where nn.Dropout rounds it to the input's dtype first (bf16: 1.0547 for 1.0526). The masks
@@ -27,11 +30,13 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-_SIXTEEN_BITS = 1 << 16
+_FIFTEEN_BITS = 1 << 15
+# The bits of 1.0 in each 16-bit float type: an int16 mask of these (or 0) is that type's 1.0 (or 0).
+_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 
 
 class _MaskedScale(torch.autograd.Function):
-    """x * keep * scale, keeping only the one-byte mask for the backward pass."""
+    """x * keep * scale, keep being 0/1 in x's dtype, kept for the backward pass."""
 
     @staticmethod
     def forward(ctx, x, keep, scale):
@@ -53,23 +58,29 @@ class LoraDropout(torch.nn.Module):
         if not 0 <= p < 1:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
-        # The probability the 16-bit draws give: p rounded to a multiple of 1/65536.
-        self.threshold = round(p * _SIXTEEN_BITS)
-        self.drawn_p = self.threshold / _SIXTEEN_BITS
+        # The probability the 15-bit draws give: p rounded to a multiple of 1/32768.
+        self.threshold = round(p * _FIFTEEN_BITS)
+        self.drawn_p = self.threshold / _FIFTEEN_BITS
 
-    def keep_mask(self, shape: torch.Size) -> torch.Tensor:
-        """True with probability 1 - drawn_p: four 16-bit draws per int64 draw."""
+    def keep_mask(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """1 with probability 1 - drawn_p, else 0, in dtype: four draws per int64 draw."""
         count = shape.numel()
         words = torch.empty((count + 3) // 4, dtype=torch.int64, device="cpu").random_(-(1 << 63), None)
-        # int16 values are uniform on [-32768, 32767]: below -32768 + threshold with probability drawn_p.
-        return (words.view(torch.int16)[:count] >= self.threshold - _SIXTEEN_BITS // 2).view(shape)
+        # Each int16 lane shifted right once is uniform on [-16384, 16383], and below
+        # cut = threshold - 16384 with probability drawn_p. (cut - 1) - draw is negative exactly for
+        # the kept ones (no overflow: it stays within [-32768, 32767]); shifted right by 15 that is
+        # all ones for them and 0 for the dropped, and its AND with 1.0's bits is 1.0 or 0.
+        draws = words.view(torch.int16)[:count] >> 1
+        kept = torch.sub(self.threshold - _FIFTEEN_BITS // 2 - 1, draws).bitwise_right_shift_(15)
+        bits_dtype = dtype if dtype in _ONE_BITS else torch.bfloat16  # float32 and others: cast after
+        return kept.bitwise_and_(_ONE_BITS[bits_dtype]).view(bits_dtype).view(shape).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        return _MaskedScale.apply(x, self.keep_mask(x.shape), 1 / (1 - self.drawn_p))
+        return _MaskedScale.apply(x, self.keep_mask(x.shape, x.dtype), 1 / (1 - self.drawn_p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
