@@ -17,9 +17,13 @@ bf16), on the first --records such records of Code Alpaca, for --steps steps. Re
   - tokens/s: real (non-pad) tokens fed to the model during trainer.train(), divided by its time
     (both from the Trainer's on_train_begin to its on_train_end);
   - peak RSS of the process (and peak GPU memory on CUDA);
-  - achieved FLOP/s = 4 x parameters x tokens / time (forward + input gradients; the frozen base
-    needs no weight gradients; attention not counted), as a share of the matmul peak of the same
-    precision measured in this run.
+  - achieved FLOP/s, as a share of the matmul peak of the same precision measured in this run: the
+    useful work, counted the same for every trainer, over time. 4 x parameters x tokens (forward +
+    input gradients; the frozen base needs no weight gradients), plus causal attention: per example
+    of n tokens and per layer, 2 x heads x head_dim x n(n + 1) in the forward pass (the n(n + 1)/2
+    query-key pairs, QKᵀ and PV) and twice that in the backward pass. Padding and masked-out pairs
+    are not counted. For SmolLM2 on these records attention is about 3% of the total; the rows in
+    bench/RESULTS.md before 2026-11-27's last rerun left it out.
 Prints a Markdown table for bench/RESULTS.md.
 """
 
@@ -53,17 +57,37 @@ DEFAULT_TRAINERS = "ours,ours_checkpointing,trl_padding_free,trl_padding_free_fa
 
 class TokenCounter:
     """Counts the real tokens of every training forward pass (packed rows have no padding; padded
-    batches count their attention mask)."""
+    batches count their attention mask), and the sum of n(n + 1) over its examples of n tokens (the
+    causal attention work: packed rows split where the position ids restart, a padded row is one
+    example)."""
 
     def __init__(self, model):
-        self.tokens = 0
+        self.tokens = self.causal_pairs = 0
         model.register_forward_pre_hook(self.count, with_kwargs=True)
 
     def count(self, module, args, kwargs):
-        if module.training:
-            mask = kwargs.get("attention_mask")
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self.tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else ids.numel()
+        from utils.attention import example_spans
+
+        if not module.training:
+            return
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            lengths = mask.sum(-1).tolist()
+        elif positions is not None:
+            lengths = [end - start for row in positions for start, end in example_spans(row)]
+        else:
+            lengths = [ids.shape[-1]] * ids[..., 0].numel()
+        self.tokens += sum(lengths)
+        self.causal_pairs += sum(n * (n + 1) for n in lengths)
+
+
+def training_flops(config, *, parameters: int, tokens: int, causal_pairs: int) -> float:
+    """The useful FLOPs of LoRA training on a frozen base (see the module docstring)."""
+    config = getattr(config, "text_config", config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 6 * config.num_hidden_layers * config.num_attention_heads * head_dim * causal_pairs
+    return 4 * parameters * tokens + attention
 
 
 def precision_name() -> str:
@@ -103,7 +127,7 @@ def run_ours(base_model, data_file, output_dir, steps, cutoff_len, gradient_chec
         lora_target_modules=LORA["target_modules"], save_steps=10_000, logging_steps=1, cutoff_len=cutoff_len,
         gradient_checkpointing=gradient_checkpointing, callbacks=[window], **SETTINGS,
     )
-    return trainer.model, window.counter.tokens, window.ended - window.started
+    return trainer.model, window.counter, window.ended - window.started
 
 
 def run_trl(base_model, data_file, output_dir, steps, cutoff_len, padding_free, gradient_checkpointing=True):
@@ -136,7 +160,7 @@ def run_trl(base_model, data_file, output_dir, steps, cutoff_len, padding_free, 
     window = training_window()
     trainer.add_callback(window)
     trainer.train()
-    return trainer.model, window.counter.tokens, window.ended - window.started
+    return trainer.model, window.counter, window.ended - window.started
 
 
 def child(which: str, base_model: str, data_file: str, output_dir: str, steps: int, cutoff_len: int):
@@ -144,16 +168,17 @@ def child(which: str, base_model: str, data_file: str, output_dir: str, steps: i
     import torch
 
     if which.startswith("ours"):
-        model, tokens, seconds = run_ours(base_model, data_file, output_dir, steps, cutoff_len,
-                                          gradient_checkpointing=which == "ours_checkpointing")
+        model, counter, seconds = run_ours(base_model, data_file, output_dir, steps, cutoff_len,
+                                           gradient_checkpointing=which == "ours_checkpointing")
     else:
-        model, tokens, seconds = run_trl(base_model, data_file, output_dir, steps, cutoff_len,
-                                         padding_free=which.startswith("trl_padding_free"),
-                                         gradient_checkpointing=which != "trl_padding_free_fast")
+        model, counter, seconds = run_trl(base_model, data_file, output_dir, steps, cutoff_len,
+                                          padding_free=which.startswith("trl_padding_free"),
+                                          gradient_checkpointing=which != "trl_padding_free_fast")
     parameters = sum(p.numel() for p in model.parameters())
+    flops = training_flops(model.config, parameters=parameters, tokens=counter.tokens, causal_pairs=counter.causal_pairs)
     result = {
-        "which": which, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-        "flops_per_second": 4 * parameters * tokens / seconds,
+        "which": which, "tokens": counter.tokens, "seconds": seconds, "tokens_per_second": counter.tokens / seconds,
+        "flops_per_second": flops / seconds, "attention_share_of_flops": 1 - 4 * parameters * counter.tokens / flops,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
@@ -251,6 +276,7 @@ def main(
               f"{median(which, 'peak_rss_mb'):.0f} | {'-' if gpu is None else f'{gpu:.0f}'} | "
               f"{median(which, 'flops_per_second') / peak:.0%} |")
     print()
+    print(f"Causal attention is {median(chosen[0], 'attention_share_of_flops'):.1%} of the FLOPs counted ({chosen[0]}).")
     if "ours" in results:
         for baseline in [name for name in chosen if not name.startswith("ours")]:
             print(f"finetune.py against {baseline}: {median('ours', 'tokens_per_second') / median(baseline, 'tokens_per_second'):.2f}x "
