@@ -1,0 +1,82 @@
+"""The hand-written rotary embedding (utils/rotary.py) computes the same bits as transformers', forward
+and backward, and is swapped in only where the formula is Llama's, only inside its block."""
+
+import importlib
+
+import pytest
+import torch
+import transformers
+from transformers.models.llama import modeling_llama
+
+from utils.rotary import fast_rotary_embeddings, llama_rotary_modules
+
+A_LLAMA_MODULE = modeling_llama.LlamaRMSNorm(8)  # any module of modeling_llama: the function is swapped there
+
+
+def rotary_inputs(dtype, *, layout):
+    torch.manual_seed(0)
+    heads_first = layout == "heads first"  # (batch, heads, tokens, head_dim), transformers' usual
+    q = torch.randn(2, 6, 37, 16) if heads_first else torch.randn(2, 37, 6, 16)
+    k = torch.randn(2, 2, 37, 16) if heads_first else torch.randn(2, 37, 2, 16)
+    angles = torch.randn(2, 37, 16)
+    return (q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_(), angles.cos().to(dtype), angles.sin().to(dtype),
+            1 if heads_first else 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["heads first", "tokens first"])
+def test_same_bits_forward_and_backward_as_transformers(dtype, layout):
+    q, k, cos, sin, unsqueeze_dim = rotary_inputs(dtype, layout=layout)
+    grads = torch.randn_like(q), torch.randn_like(k)
+    theirs = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    their_grads = torch.autograd.grad(theirs, (q, k), grads)
+    with fast_rotary_embeddings(A_LLAMA_MODULE) as changed:
+        assert changed == 1
+        ours = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    our_grads = torch.autograd.grad(ours, (q, k), grads)
+    assert all("RotaryFunction" in t.grad_fn.name() for t in ours)  # this path, not transformers'
+    for mine, reference in zip((*ours, *our_grads), (*theirs, *their_grads)):
+        assert torch.equal(mine, reference)
+
+
+def test_a_model_trains_to_the_same_bits_and_the_module_is_restored(tiny_llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    original = modeling_llama.apply_rotary_pos_emb
+    expected_loss, expected_grads = loss_and_grads()
+    with fast_rotary_embeddings(model) as changed:
+        assert changed == 1 and modeling_llama.apply_rotary_pos_emb is not original
+        loss, grads = loss_and_grads()
+    assert modeling_llama.apply_rotary_pos_emb is original
+    assert torch.equal(loss, expected_loss)
+    assert all(torch.equal(mine, reference) for mine, reference in zip(grads, expected_grads))
+    with pytest.raises(RuntimeError, match="boom"), fast_rotary_embeddings(model):
+        raise RuntimeError("boom")
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+
+@pytest.mark.parametrize("model_type, llama_formula", [("qwen2", True), ("mistral", True), ("phi3", False),
+                                                       ("olmo2", False)])
+def test_only_modules_with_llamas_formula_are_changed(model_type, llama_formula):
+    config = transformers.AutoConfig.for_model(model_type, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
+                                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    assert llama_rotary_modules(model) == ([modeling] if llama_formula else [])
+
+
+def test_a_constant_that_needs_a_gradient_keeps_transformers_path():
+    q, k, cos, sin, unsqueeze_dim = rotary_inputs(torch.float32, layout="heads first")
+    cos.requires_grad_()
+    with fast_rotary_embeddings(A_LLAMA_MODULE):
+        rotated, _ = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    (grad_cos,) = torch.autograd.grad(rotated.sum(), cos)
+    assert "RotaryFunction" not in rotated.grad_fn.name() and grad_cos.abs().sum() > 0
