@@ -21,7 +21,8 @@ already fused, and LoraDropout calls it.
 PEFT also casts each LoRA layer's input to the adapter's dtype (float32) before the dropout; under
 autocast the LoRA matmuls cast it straight back to bf16. `skip_lora_input_copies` keeps the input as
 it is there, on a CPU under autocast (elsewhere the cast stays; GPUs were not measured): the same
-results to the last bit, and a SmolLM2 training micro-batch 4% faster (bench/RESULTS.md).
+forward to the last bit, gradients within bf16 rounding (the tests check both), and a SmolLM2
+training micro-batch 4% faster (bench/RESULTS.md).
 """
 
 import functools
