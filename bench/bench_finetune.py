@@ -23,7 +23,7 @@ bf16), on the first --records such records of Code Alpaca, for --steps steps. Re
     of n tokens and per layer, 2 x heads x head_dim x n(n + 1) in the forward pass (the n(n + 1)/2
     query-key pairs, QKᵀ and PV) and twice that in the backward pass. Padding and masked-out pairs
     are not counted. For SmolLM2 on these records attention is about 3% of the total; the rows in
-    bench/RESULTS.md before 2026-11-27's last rerun left it out.
+    bench/RESULTS.md before its "sixth pass" rerun of 2026-11-27 left it out.
 Prints a Markdown table for bench/RESULTS.md.
 """
 
