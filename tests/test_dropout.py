@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import finetune
-from utils.dropout import LoraDropout, skip_lora_input_copies, use_fast_lora_dropout
+from utils.dropout import LoraDropout, keep_factors, skip_lora_input_copies, use_fast_lora_dropout
 from utils.model_loading import load_tokenizer
 
 
@@ -54,10 +54,25 @@ def test_seeded_masks_repeat_and_eval_is_the_identity():
     assert dropout.eval()(x) is x
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0])
+@pytest.mark.parametrize("p", [-0.1, 1.0, 0.99999])  # the last rounds to 1 in 1/32768ths
 def test_impossible_probability_is_refused(p):
     with pytest.raises(ValueError, match="dropout probability"):
         LoraDropout(p)
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 1638, 16384, 32767])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_16_bit_draw_drops_exactly_threshold_in_32768(threshold, dtype):
+    every_draw = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    factors = keep_factors(every_draw, threshold=threshold, dtype=dtype)
+    assert factors.dtype == dtype and set(factors.unique().tolist()) <= {0.0, 1.0}
+    assert int((factors == 0).sum()) == 2 * threshold  # each 15-bit value twice among 65536 draws
+
+
+def test_a_probability_that_rounds_to_zero_is_the_identity():
+    dropout = LoraDropout(1e-6).train()
+    x = torch.randn(8, 8)
+    assert dropout.drawn_p == 0 and dropout(x) is x
 
 
 @pytest.mark.parametrize("lora_dropout, kind", [(0.1, LoraDropout), (0.0, torch.nn.Identity)])

@@ -7,7 +7,7 @@ the backward pass. `use_fast_lora_dropout` swaps in `LoraDropout`, which on a CP
 bits per element (one 64-bit draw gives four) and turns them into a 0/1 mask in the input's dtype
 by integer arithmetic on 16-bit lanes: multiplying by that vectorizes where a boolean mask does
 not (forward 0.55 against 1.06 ms, backward 0.07 against 0.29 ms, at 700 x 576 bf16). The mask
-kept for the backward pass is two bytes an element in half precision.
+kept for the backward pass is two bytes an element in half precision (four for a float32 input).
 
 What is computed is nn.Dropout's: each element is kept with probability 1 - p and multiplied by
 1/(1 - p), with p rounded to a multiple of 1/32768 (0.05 -> 0.0499878; the factor uses the rounded
@@ -51,33 +51,38 @@ class _MaskedScale(torch.autograd.Function):
         return grad_output.mul(keep).mul_(ctx.scale), None, None
 
 
+def keep_factors(draws: torch.Tensor, *, threshold: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 or 0 in dtype for each uniform int16 draw: 0 for exactly threshold of every 32768 values of
+    its top 15 bits. Each draw shifted right once is uniform on [-16384, 16383], below
+    threshold - 16384 for the dropped. (threshold - 16384 - 1) - draw is negative exactly for the
+    kept (no overflow: it stays within [-32768, 32767]); shifted right by 15 that is all ones for
+    them and 0 for the dropped, and its AND with 1.0's bits is 1.0 or 0. Other dtypes than the
+    16-bit floats get a bf16 mask cast to theirs (a float32 input keeps a 4-byte mask)."""
+    kept = torch.sub(threshold - _FIFTEEN_BITS // 2 - 1, draws >> 1).bitwise_right_shift_(15)
+    bits_dtype = dtype if dtype in _ONE_BITS else torch.bfloat16
+    return kept.bitwise_and_(_ONE_BITS[bits_dtype]).view(bits_dtype).to(dtype)
+
+
 class LoraDropout(torch.nn.Module):
     """nn.Dropout(p) for a LoRA input; see the module docstring."""
 
     def __init__(self, p: float):
         super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
         # The probability the 15-bit draws give: p rounded to a multiple of 1/32768.
-        self.threshold = round(p * _FIFTEEN_BITS)
+        self.threshold = round(p * _FIFTEEN_BITS) if 0 <= p < 1 else -1
+        if not 0 <= self.threshold < _FIFTEEN_BITS:
+            raise ValueError(f"dropout probability must be in [0, 1) and round below 1 in 1/32768ths, got {p}")
+        self.p = p
         self.drawn_p = self.threshold / _FIFTEEN_BITS
 
     def keep_mask(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """1 with probability 1 - drawn_p, else 0, in dtype: four draws per int64 draw."""
         count = shape.numel()
         words = torch.empty((count + 3) // 4, dtype=torch.int64, device="cpu").random_(-(1 << 63), None)
-        # Each int16 lane shifted right once is uniform on [-16384, 16383], and below
-        # cut = threshold - 16384 with probability drawn_p. (cut - 1) - draw is negative exactly for
-        # the kept ones (no overflow: it stays within [-32768, 32767]); shifted right by 15 that is
-        # all ones for them and 0 for the dropped, and its AND with 1.0's bits is 1.0 or 0.
-        draws = words.view(torch.int16)[:count] >> 1
-        kept = torch.sub(self.threshold - _FIFTEEN_BITS // 2 - 1, draws).bitwise_right_shift_(15)
-        bits_dtype = dtype if dtype in _ONE_BITS else torch.bfloat16  # float32 and others: cast after
-        return kept.bitwise_and_(_ONE_BITS[bits_dtype]).view(bits_dtype).view(shape).to(dtype)
+        return keep_factors(words.view(torch.int16)[:count], threshold=self.threshold, dtype=dtype).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if not self.training or self.threshold == 0:  # p rounded to 0 drops nothing
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
