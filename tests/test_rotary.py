@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers.models.llama import modeling_llama
 
-from utils.rotary import fast_rotary_embeddings, llama_rotary_modules
+from utils.rotary import RotaryFunction, fast_rotary_embeddings, llama_rotary_modules
 
 A_LLAMA_MODULE = modeling_llama.LlamaRMSNorm(8)  # any module of modeling_llama: the function is swapped there
 
@@ -39,7 +39,7 @@ def test_same_bits_forward_and_backward_as_transformers(dtype, layout):
         assert torch.equal(mine, reference)
 
 
-def test_a_model_trains_to_the_same_bits_and_the_module_is_restored(tiny_llama_dir):
+def test_a_model_trains_to_the_same_bits_and_the_module_is_restored(tiny_llama_dir, monkeypatch):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
 
@@ -51,9 +51,12 @@ def test_a_model_trains_to_the_same_bits_and_the_module_is_restored(tiny_llama_d
 
     original = modeling_llama.apply_rotary_pos_emb
     expected_loss, expected_grads = loss_and_grads()
+    calls = []
+    monkeypatch.setattr(RotaryFunction, "apply", lambda *args, apply=RotaryFunction.apply: calls.append(1) or apply(*args))
     with fast_rotary_embeddings(model) as changed:
         assert changed == 1 and modeling_llama.apply_rotary_pos_emb is not original
         loss, grads = loss_and_grads()
+    assert len(calls) == 2 * model.config.num_hidden_layers  # q and k of every layer went through it
     assert modeling_llama.apply_rotary_pos_emb is original
     assert torch.equal(loss, expected_loss)
     assert all(torch.equal(mine, reference) for mine, reference in zip(grads, expected_grads))
@@ -80,3 +83,14 @@ def test_a_constant_that_needs_a_gradient_keeps_transformers_path():
         rotated, _ = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
     (grad_cos,) = torch.autograd.grad(rotated.sum(), cos)
     assert "RotaryFunction" not in rotated.grad_fn.name() and grad_cos.abs().sum() > 0
+
+
+def test_mixed_dtypes_keep_transformers_path_and_its_bits():
+    q, k, cos, sin, unsqueeze_dim = rotary_inputs(torch.bfloat16, layout="heads first")
+    cos, sin = cos.float(), sin.float()  # bf16 q against float32 constants: transformers rounds differently
+    grads = torch.randn(q.shape), torch.randn(k.shape)
+    theirs = torch.autograd.grad(modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim), (q, k), grads)
+    with fast_rotary_embeddings(A_LLAMA_MODULE):
+        rotated = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    assert "RotaryFunction" not in rotated[0].grad_fn.name()
+    assert all(torch.equal(mine, reference) for mine, reference in zip(torch.autograd.grad(rotated, (q, k), grads), theirs))
