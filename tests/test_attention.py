@@ -43,6 +43,19 @@ def test_matmul_attention_equals_sdpa_forward_and_backward(dtype, tolerance, sha
         assert torch.allclose(mine.float(), theirs, atol=tolerance * theirs.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scale_and_mask_inside_the_matmul_give_the_bits_of_scaling_and_masking_the_float32_scores(dtype):
+    """At head_dim 64 (scale 1/8, a power of two) the forward is the plain formula's to the last bit."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 9, 70, 64, dtype=dtype), *torch.randn(2, 1, 3, 70, 64, dtype=dtype)
+    grouped = query.reshape(1, 3, 3 * 70, 64)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(0.125)
+    future = torch.ones(70, 70, dtype=torch.bool).triu_(1).repeat(3, 1)
+    probabilities = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1).to(dtype)
+    expected = torch.matmul(probabilities, value).reshape(1, 9, 70, 64)
+    assert torch.equal(attention.MatmulCausalAttention.apply(query, key, value, 0.125), expected)
+
+
 def test_cpu_examples_up_to_the_limit_use_matmul_attention_longer_ones_sdpa(monkeypatch):
     calls = []
     monkeypatch.setattr(attention.MatmulCausalAttention, "apply",

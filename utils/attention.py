@@ -35,7 +35,7 @@ MATMUL_ATTENTION_MAX_TOKENS = 256
 class MatmulCausalAttention(torch.autograd.Function):
     """Causal attention by plain matmuls, softmax in float32, with a hand-written backward that
     keeps only the probabilities (in the inputs' dtype): what autograd would keep for the same
-    formula is the float32 softmax and the output too, 4x the memory. Gradients: dV = Pᵀ dO,
+    formula is the float32 softmax too, 3x the memory. Gradients: dV = Pᵀ dO,
     dS = P ∘ (dP - rowsum(dP ∘ P)) with dP = dO Vᵀ (softmax's own backward kernel, float32 inside,
     one pass), dQ = dS K scale, dK = dSᵀ Q scale.
 
@@ -69,7 +69,9 @@ class MatmulCausalAttention(torch.autograd.Function):
         grad_value = torch.matmul(probabilities.transpose(-1, -2), grad_output)  # sums over the group
         grad_probabilities = torch.matmul(grad_output, value.transpose(-1, -2))
         # One pass where the float32 formula took five (cast, subtract, multiply, scale, cast back):
-        # 1.2% of a SmolLM2 training micro-step; it differs from that by at most one rounding of dS.
+        # 1.2% of a SmolLM2 training micro-step. The row sum is rowsum(dP ∘ P), not rowsum(dO ∘ O):
+        # equal in exact arithmetic, rounded differently; the gradients are as close to a float64
+        # reference as before (bench/RESULTS.md).
         grad_scores = torch.ops.aten._softmax_backward_data(grad_probabilities, probabilities, -1,
                                                             probabilities.dtype).mul_(ctx.scale)
         grad_query = torch.matmul(grad_scores, key).reshape(*batch, heads, length, dim)
@@ -81,7 +83,7 @@ class MatmulCausalAttention(torch.autograd.Function):
 def future_bias(length: int, groups: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """-inf above the diagonal (the future), 0 elsewhere, once for each query head of a group:
     (groups x length, length). Cached (CPU examples of up to 256 tokens: at most 64 x 128 KB x
-    groups): every layer of a forward pass asks for the same lengths, one per example of the
+    groups in bf16, twice that in float32): every layer of a forward pass asks for the same lengths, one per example of the
     micro-batch. Read-only."""
     future = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1).repeat(groups, 1)
     return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
