@@ -92,5 +92,11 @@ def test_family_exports_to_hf_and_gguf(family, tmp_path):
     model.eval(ids)
     llama_logits = torch.from_numpy(np.array(model.scores[: len(ids)], dtype=np.float32))
     vocab = min(llama_logits.shape[1], expected.shape[1])
-    assert (llama_logits[:, :vocab] - expected[:, :vocab]).abs().max().item() <= 5e-3
-    assert torch.equal(llama_logits[:, :vocab].argmax(-1), expected[:, :vocab].argmax(-1))
+    largest_difference = (llama_logits[:, :vocab] - expected[:, :vocab]).abs().max().item()
+    assert largest_difference <= 5e-3
+    # The same next token wherever transformers' top two logits are further apart than twice the
+    # largest difference (closer, the two may swap within that difference: a tie, not a bug).
+    top_two = expected[:, :vocab].topk(2, dim=-1).values
+    clear = (top_two[:, 0] - top_two[:, 1]) > 2 * largest_difference
+    assert clear.sum() >= len(ids) // 2
+    assert torch.equal(llama_logits[:, :vocab].argmax(-1)[clear], expected[:, :vocab].argmax(-1)[clear])
