@@ -221,6 +221,7 @@ def train(
     # On a CPU in bf16, the frozen matmuls run through weights packed once for oneDNN
     # (utils/packed_weights.py: the same results, about 5% faster here), and rotary embeddings
     # through a shorter backward (utils/rotary.py: the same bits, about 1%); both end with training.
+    # (The speed-ups that stay with the model's modules are put on in add_lora.)
     with packed_frozen_linears(trainer.model, head=head_of(trainer.model)), fast_rotary_embeddings(trainer.model):
         trainer.train(resume_from_checkpoint=checkpoint)
 
@@ -466,8 +467,10 @@ def add_lora(model, *, quantized, lora_r, lora_alpha, lora_dropout, target_modul
         bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    # The same dropout at a third of its cost on a CPU, no float32 copy of each LoRA input under
-    # autocast (utils/dropout.py), and the frozen norms' backward by hand (utils/rms_norm.py).
+    # CPU speed-ups that live on the model's own modules, for good: the same dropout at a third of
+    # its cost, no float32 copy of each LoRA input under autocast (utils/dropout.py), and the frozen
+    # norms' backward by hand (utils/rms_norm.py). Those that change shared state (packed weight
+    # copies, a modeling module's rotary function) are scoped to the training loop, in train().
     use_fast_lora_dropout(model)
     skip_lora_input_copies(model)
     use_fast_rms_norm(model)

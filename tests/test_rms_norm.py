@@ -6,25 +6,26 @@ import importlib
 import pytest
 import torch
 
-from utils.rms_norm import LLAMA_RMS_NORMS, RMSNormFunction, use_fast_rms_norm
+from utils.rms_norm import RMSNormFunction, is_llama_rms_norm, use_fast_rms_norm
 
-MODEL_TYPES = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "MixtralRMSNorm": "mixtral",
-               "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3", "Qwen2MoeRMSNorm": "qwen2_moe",
-               "Qwen3MoeRMSNorm": "qwen3_moe", "Phi3RMSNorm": "phi3"}
+# Classes whose forward is LlamaRMSNorm's, word for word (the models this project names, and some
+# that no list here ever named), and classes whose formula differs.
+LLAMA_FORMULA = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "MixtralRMSNorm": "mixtral",
+                 "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3", "Qwen2MoeRMSNorm": "qwen2_moe",
+                 "Qwen3MoeRMSNorm": "qwen3_moe", "Phi3RMSNorm": "phi3", "GraniteRMSNorm": "granite",
+                 "DeepseekV3RMSNorm": "deepseek_v3", "SmolLM3RMSNorm": "smollm3"}
+OTHER_FORMULA = {"GemmaRMSNorm": "gemma", "Gemma3RMSNorm": "gemma3", "Olmo2RMSNorm": "olmo2"}
 
 
 def transformers_norm(class_name: str, size: int):
-    module = importlib.import_module(f"transformers.models.{MODEL_TYPES[class_name]}.modeling_{MODEL_TYPES[class_name]}")
+    model_type = {**LLAMA_FORMULA, **OTHER_FORMULA}[class_name]
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     norm = getattr(module, class_name)(size, eps=1e-5).bfloat16().requires_grad_(False)
     torch.nn.init.normal_(norm.weight, 1.0, 0.2)
     return norm
 
 
-def test_every_replaced_class_is_covered():
-    assert set(MODEL_TYPES) == LLAMA_RMS_NORMS
-
-
-@pytest.mark.parametrize("class_name", sorted(LLAMA_RMS_NORMS))
+@pytest.mark.parametrize("class_name", sorted(LLAMA_FORMULA))
 def test_same_output_and_input_gradient_as_the_class(class_name):
     torch.manual_seed(0)
     norm = transformers_norm(class_name, 96)
@@ -40,17 +41,16 @@ def test_same_output_and_input_gradient_as_the_class(class_name):
     torch.testing.assert_close(our_grad, their_grad, rtol=1e-2, atol=1e-2 * their_grad.abs().max().item())
 
 
-@pytest.mark.parametrize("case", ["float32", "trained weight", "other class"])
+@pytest.mark.parametrize("case", ["float32", "trained weight", *sorted(OTHER_FORMULA)])
 def test_elsewhere_the_class_forward_runs(case):
-    norm = transformers_norm("LlamaRMSNorm", 16)
+    norm = transformers_norm(case if case in OTHER_FORMULA else "LlamaRMSNorm", 16)
     x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
     if case == "float32":
         norm, x = norm.float(), x.detach().float().requires_grad_(True)
     elif case == "trained weight":
         norm.weight.requires_grad_(True)
     else:
-        norm = transformers_norm("LlamaRMSNorm", 16)
-        norm.__class__ = type("GemmaLikeRMSNorm", (type(norm),), {})  # not a known formula: left alone
+        assert not is_llama_rms_norm(norm) and use_fast_rms_norm(norm) == 0  # another formula: left alone
     expected = norm(x)
     use_fast_rms_norm(norm)
     output = norm(x)
@@ -66,7 +66,7 @@ def test_finetune_puts_it_on_every_norm(tiny_llama_dir):
     model = finetune.build_lora_model(
         base_model=str(tiny_llama_dir), tokenizer=tokenizer, load_in_8bit=False, load_in_4bit=False,
         dtype=torch.bfloat16, lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    norms = [module for module in model.modules() if type(module).__name__ in LLAMA_RMS_NORMS]
+    norms = [module for module in model.modules() if type(module).__name__ == "LlamaRMSNorm"]
     assert len(norms) == 2 * model.config.num_hidden_layers + 1
     x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     assert all(RMSNormFunction.__name__ in norm(x).grad_fn.name() for norm in norms)

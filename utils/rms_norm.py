@@ -1,7 +1,8 @@
 """RMSNorm with a hand-written backward, for the frozen half-precision norms of a LoRA run on a CPU.
 
-transformers' Llama-family RMSNorm (LlamaRMSNorm and its copies in Mistral, Mixtral, Qwen2/3, the
-MoE Qwens and Phi-3: the same forward, word for word) upcasts its bf16 input to float32 and leaves
+transformers' Llama-family RMSNorm (LlamaRMSNorm and its copies, word for word, in about 140 models:
+Mistral, Mixtral, Qwen2/3 and their MoEs, Phi-3, Granite, DeepSeek-V2/3, GLM-4, SmolLM3...; not
+Gemma's 1 + weight or OLMo2's, which differ) upcasts its bf16 input to float32 and leaves
 the rest to autograd, whose backward runs through pow, mean, rsqrt and both casts and keeps float32
 copies of the hidden states for it. `RMSNormFunction` computes the same formula in fewer passes and
 keeps the bf16 input and one float32 per token. The same forward to the last bit, the input
@@ -15,8 +16,7 @@ import weakref
 
 import torch
 
-LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
-                             "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm"})
+from utils.source_code import same_code
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -48,12 +48,19 @@ def _rms_norm_forward(hidden_states: torch.Tensor, *, module: torch.nn.Module) -
     return RMSNormFunction.apply(hidden_states, weight, module.variance_epsilon)
 
 
+def is_llama_rms_norm(module: torch.nn.Module) -> bool:
+    """Whether module's class computes LlamaRMSNorm's forward, read from the source (utils/source_code.py)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return same_code(type(module).forward, LlamaRMSNorm.forward)
+
+
 def use_fast_rms_norm(model: torch.nn.Module) -> int:
     """Every Llama-family RMSNorm of model computes through RMSNormFunction where it applies (see
     the module docstring); returns how many norms were changed."""
     changed = 0
     for module in model.modules():
-        if type(module).__name__ in LLAMA_RMS_NORMS and "forward" not in vars(module):
+        if "forward" not in vars(module) and is_llama_rms_norm(module):
             # A weak reference: the module's own attribute must not keep it alive (a cycle).
             module.forward = functools.partial(_rms_norm_forward, module=weakref.proxy(module))
             changed += 1

@@ -18,11 +18,11 @@ Phi-3 or OLMo2, whose rotary differs). Off a CPU the original runs.
 
 import contextlib
 import functools
-import inspect
-import re
 import sys
 
 import torch
+
+from utils.source_code import same_code
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -60,32 +60,17 @@ def fast_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, original):
     return RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)
 
 
-def _code(function) -> str:
-    """A function's source without its docstring, comments, decorators and blank lines."""
-    source = re.sub(r'""".*?"""', "", inspect.getsource(function), flags=re.S)
-    lines = (line.split("#")[0].rstrip() for line in source.splitlines())
-    return "\n".join(line for line in lines if line.strip() and not line.strip().startswith("@"))
-
-
-@functools.cache
-def _llama_code() -> tuple[str, str]:
-    from transformers.models.llama import modeling_llama
-
-    return _code(modeling_llama.apply_rotary_pos_emb), _code(modeling_llama.rotate_half)
-
-
 def llama_rotary_modules(model: torch.nn.Module) -> list:
     """The modeling modules of model's layers whose rotary embedding functions read as Llama's."""
+    from transformers.models.llama import modeling_llama
+
     found = {}
     for layer in model.modules():
         module = sys.modules.get(type(layer).__module__)
         if module is None or module.__name__ in found:
             continue
-        apply, rotate = getattr(module, "apply_rotary_pos_emb", None), getattr(module, "rotate_half", None)
-        try:
-            llama = callable(apply) and callable(rotate) and (_code(apply), _code(rotate)) == _llama_code()
-        except (OSError, TypeError):  # no source to read
-            llama = False
+        llama = (same_code(getattr(module, "apply_rotary_pos_emb", None), modeling_llama.apply_rotary_pos_emb)
+                 and same_code(getattr(module, "rotate_half", None), modeling_llama.rotate_half))
         found[module.__name__] = module if llama else None
     return [module for module in found.values() if module is not None]
 
