@@ -83,8 +83,8 @@ class MatmulCausalAttention(torch.autograd.Function):
 def future_bias(length: int, groups: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """-inf above the diagonal (the future), 0 elsewhere, once for each query head of a group:
     (groups x length, length). Cached (CPU examples of up to 256 tokens: at most 64 x 128 KB x
-    groups in bf16, twice that in float32): every layer of a forward pass asks for the same lengths, one per example of the
-    micro-batch. Read-only."""
+    groups in bf16, twice that in float32): every layer of a forward pass asks for the same
+    lengths, one per example of the micro-batch. Read-only."""
     future = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1).repeat(groups, 1)
     return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
 

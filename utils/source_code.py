@@ -27,5 +27,10 @@ def code_of(function) -> str | None:
 
 
 def same_code(function, reference) -> bool:
-    """Whether function reads as reference (see code_of)."""
-    return callable(function) and code_of(function) is not None and code_of(function) == code_of(reference)
+    """Whether function reads as reference (see code_of); False for anything that is not a function
+    with source (including an unhashable callable, which the cache cannot hold)."""
+    try:
+        code = code_of(function) if callable(function) else None
+    except TypeError:
+        return False
+    return code is not None and code == code_of(reference)
