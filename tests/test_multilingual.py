@@ -41,13 +41,13 @@ FLAKY_CANONICAL = {
 
 
 def need(task):
-    """Skip (with the reason) where this machine lacks the task's toolchain: `bash setup.sh
-    --toolchains` installs them all, as CI does."""
+    """Skip (with the reason) where this machine lacks the task's toolchain; fail in CI, where `bash
+    setup.sh --toolchains` installed them all (a skip there would hide a missing install step)."""
     benchmark, language, _ = multilingual.TASKS[task]
     try:
         multilingual.check_toolchain(language, benchmark)
     except CodeUpError as error:
-        pytest.skip(str(error))
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(str(error))
 
 
 def problems(task, limit=None):
@@ -267,6 +267,51 @@ def test_a_missing_toolchain_is_one_error_naming_the_package(monkeypatch):
     monkeypatch.setattr(multilingual.shutil, "which", lambda tool, path=None: None if tool == "go" else real_which(tool, path=path))
     with pytest.raises(CodeUpError, match="apt-get install golang-go"):
         multilingual.check_toolchain("go", "humanevalx")
+
+
+def setup_toolchain_packages():
+    """The Debian packages `setup.sh --toolchains` installs (its TOOLCHAIN_NEEDS list)."""
+    listed = (ROOT / "setup.sh").read_text().split('TOOLCHAIN_NEEDS="', 1)[1].split('"', 1)[0]
+    return {line.split()[1] for line in listed.splitlines()}
+
+
+def test_setup_installs_every_package_the_error_messages_name():
+    named = {package for language in multilingual.LANGUAGES.values() for package in language.packages.split()}
+    on_every_machine = {"python3", "bash", "perl"}  # what Debian's base system and the venv bring
+    assert named - on_every_machine <= setup_toolchain_packages()
+    # regex's default features (aho-corasick, memchr) are a package of their own, only Recommended
+    assert "librust-regex+default-dev" in setup_toolchain_packages() & named
+
+
+def test_a_missing_crate_feature_package_is_named_before_any_build(monkeypatch, tmp_path):
+    registry = tmp_path / "registry"
+    for crate in ("rand-0.8.5", "regex-1.7.1", "md5-0.7.0"):  # librust-regex-dev without its default features
+        (registry / crate).mkdir(parents=True)
+    monkeypatch.setattr(multilingual, "DEBIAN_CARGO_REGISTRY", str(registry))
+    monkeypatch.setattr(multilingual.shutil, "which", lambda tool, path=None: f"/usr/bin/{tool}")
+    with pytest.raises(CodeUpError, match=r"the aho-corasick crate: apt-get install .*librust-regex\+default-dev"):
+        multilingual.check_toolchain("rust", "humanevalx")
+
+
+@pytest.mark.slow
+def test_the_rust_crates_build_offline_from_what_setup_installs(tmp_path, monkeypatch):
+    """What `setup.sh --toolchains` installs is enough to build rand, regex and md5 with cargo
+    --offline (HumanEval-X's Rust tests need them): built here from scratch, not from a cache."""
+    need("humanevalx-rust")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    crates = multilingual.rust_crates.__wrapped__()
+    for name in ("rand", "regex", "md5"):
+        assert crates[name].startswith(str(tmp_path)) and Path(crates[name]).stat().st_size > 0
+    program = tmp_path / "uses_crates.rs"
+    program.write_text('fn main() { let r = regex::Regex::new("a+b").unwrap(); assert!(r.is_match("caab")); '
+                       'assert_eq!(format!("{:x}", md5::compute(b"")), "d41d8cd98f00b204e9800998ecf8427e"); '
+                       'let _x: u8 = rand::random(); }\n')
+    command = ["rustc", "--edition", "2021", str(program), "-o", str(tmp_path / "uses_crates"), "-L",
+               f"dependency={crates['dir']}", *[arg for name in ("rand", "regex", "md5")
+                                                 for arg in ("--extern", f"{name}={crates[name]}")]]
+    built = subprocess.run(command, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert built.returncode == 0, built.stderr
+    assert subprocess.run([tmp_path / "uses_crates"]).returncode == 0
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ LANGUAGES = {
     "java": Language("java", "Java", "java", "default-jdk-headless libjavatuples-java"),
     "js": Language("js", "JavaScript", "javascript", "nodejs"),
     "go": Language("go", "Go", "go", "golang-go golang-golang-x-tools golang-github-stretchr-testify-dev"),
-    "rust": Language("rust", "Rust", "rust", "rustc cargo librust-rand-dev librust-regex-dev librust-md5-dev"),
+    "rust": Language("rust", "Rust", "rust", "rustc cargo librust-rand-dev librust-regex-dev librust-regex+default-dev librust-md5-dev"),
     "sh": Language("sh", "Bash", "bash", "bash"),
     "perl": Language("perl", "Perl", "perl", "perl libtest-deep-perl"),
     "php": Language("php", "PHP", "php", "php-cli"),
@@ -446,9 +446,10 @@ def check_toolchain(key: str, benchmark: str) -> None:
     if key == "perl" and not missing and subprocess.run(["perl", "-MTest::Deep", "-e", "1"], capture_output=True).returncode:
         missing.append("Test::Deep")
     if key == "rust" and benchmark == "humanevalx":
-        for crate in ("rand-0.8", "regex-1", "md5-0"):
+        # aho-corasick: one of regex's default features (Debian's librust-regex+default-dev)
+        for crate in ("rand-0.8", "regex-1", "aho-corasick-", "md5-0"):
             if not list(Path(DEBIAN_CARGO_REGISTRY).glob(f"{crate}*")):
-                missing.append(f"the {crate.split('-')[0]} crate")
+                missing.append(f"the {crate.rstrip('-0123456789.')} crate")
     if missing:
         raise CodeUpError(f"{language.name} needs {', '.join(missing)}: "
                           f"apt-get install {language.packages} (or: bash setup.sh --toolchains)")
