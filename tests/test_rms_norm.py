@@ -6,7 +6,13 @@ import importlib
 import pytest
 import torch
 
+from utils import source_code
 from utils.rms_norm import RMSNormFunction, is_llama_rms_norm, use_fast_rms_norm
+
+UNTESTED = source_code.untested_code({"LlamaRMSNorm.forward": source_code.llama_references()["LlamaRMSNorm.forward"]})
+# Where the installed LlamaRMSNorm is not the code the kernel was tested against, it stays off
+# (tests/test_dependencies.py checks that, and that the pinned transformers is tested).
+needs_the_kernel = pytest.mark.skipif(UNTESTED is not None, reason=f"the kernel is off: {UNTESTED}")
 
 # Classes whose forward is LlamaRMSNorm's, word for word (the models this project names, and some
 # that no list here ever named), and classes whose formula differs.
@@ -25,6 +31,7 @@ def transformers_norm(class_name: str, size: int):
     return norm
 
 
+@needs_the_kernel
 @pytest.mark.parametrize("class_name", sorted(LLAMA_FORMULA))
 def test_same_output_and_input_gradient_as_the_class(class_name):
     torch.manual_seed(0)
@@ -70,3 +77,26 @@ def test_finetune_puts_it_on_every_norm(tiny_llama_dir):
     assert len(norms) == 2 * model.config.num_hidden_layers + 1
     x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     assert all(RMSNormFunction.__name__ in norm(x).grad_fn.name() for norm in norms)
+
+
+def test_a_changed_llama_formula_keeps_every_norm_on_its_own_forward(monkeypatch, capsys):
+    """A transformers release that changes LlamaRMSNorm: Mistral's copy still reads as the old code,
+    but the kernel computes the old formula, so no norm gets it, and the run says why."""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, hidden_states):  # another formula (no float32 upcast), as a new release might have it
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+    mistral = transformers_norm("MistralRMSNorm", 16)
+    assert use_fast_rms_norm(mistral) == 0 and "forward" not in vars(mistral)
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"RMSNorm: transformers' own, not the CPU kernel: transformers {transformers_version()}'s Llama "
+                    "LlamaRMSNorm.forward is not the code it was tested against (utils/source_code.py, TESTED_CODE)"]
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

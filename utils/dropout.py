@@ -123,7 +123,9 @@ def skip_lora_input_copies(model: torch.nn.Module) -> int:
     autocast's dtype either way."""
     changed = 0
     for module in model.modules():
-        if hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype") and "_cast_input_dtype" not in vars(module):
+        # PEFT's private _cast_input_dtype and lora_variant: where a PEFT release has neither, nothing changes.
+        if (hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype") and hasattr(module, "lora_variant")
+                and "_cast_input_dtype" not in vars(module)):
             # A weak reference: the module's own attribute must not keep it alive (a cycle).
             module._cast_input_dtype = functools.partial(_cast_outside_autocast, layer=weakref.proxy(module))
             changed += 1

@@ -13,7 +13,9 @@ The attention layers look the function up in their modeling module at every call
 `fast_rotary_embeddings(model)` swaps it there, for the length of a `with` block (finetune.py: the
 training loop), in each modeling module of the model whose apply_rotary_pos_emb and rotate_half
 read as Llama's (Mistral, Mixtral, Qwen2/3 and their MoEs, StarCoder2, Gemma, Granite...; not
-Phi-3 or OLMo2, whose rotary differs). Off a CPU the original runs.
+Phi-3 or OLMo2, whose rotary differs). Off a CPU the original runs. Where the installed Llama
+functions are not the code RotaryFunction was tested against (utils/source_code.py), nothing is
+swapped and the run says so in one line.
 """
 
 import contextlib
@@ -22,7 +24,8 @@ import sys
 
 import torch
 
-from utils.source_code import same_code
+from utils.logs import logger
+from utils.source_code import llama_references, same_code, untested_code
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -60,10 +63,19 @@ def fast_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, original):
     return RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)
 
 
+def untested_rotary() -> str | None:
+    """Why the installed Llama rotary functions are not those RotaryFunction was tested against, or None."""
+    references = llama_references()
+    return untested_code({name: references[name] for name in ("apply_rotary_pos_emb", "rotate_half")})
+
+
 def llama_rotary_modules(model: torch.nn.Module) -> list:
-    """The modeling modules of model's layers whose rotary embedding functions read as Llama's."""
+    """The modeling modules of model's layers whose rotary embedding functions read as Llama's
+    (none where Llama's own are untested: see untested_rotary)."""
     from transformers.models.llama import modeling_llama
 
+    if untested_rotary():
+        return []
     found = {}
     for layer in model.modules():
         module = sys.modules.get(type(layer).__module__)
@@ -81,6 +93,8 @@ def fast_rotary_embeddings(model: torch.nn.Module):
     RotaryFunction on a CPU (module docstring); outside, even after an error, its modeling modules
     are as they were. Yields the number of modules changed."""
     swapped = {}
+    if reason := untested_rotary():
+        logger.info(f"rotary embeddings: transformers' own, not the CPU kernel: {reason}")
     try:
         for module in llama_rotary_modules(model):
             swapped[module] = module.apply_rotary_pos_emb
