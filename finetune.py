@@ -24,7 +24,7 @@ import torch.distributed as dist
 import transformers
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-from utils.attention import PER_EXAMPLE_SDPA
+from utils.attention import PER_EXAMPLE_SDPA, per_example_limits
 from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
 from utils.cli import parse_list, run_cli
 from utils.dropout import skip_lora_input_copies, use_fast_lora_dropout
@@ -177,8 +177,10 @@ def train(
         load_in_8bit = cuda and not load_in_4bit
     if gradient_checkpointing is None:  # quantized bases: the paper's memory budget needs it
         gradient_checkpointing = bool(load_in_8bit or load_in_4bit)
-    attn_implementation = choose_attention(attn_implementation, packing=packing, cuda=cuda)
-    check_target_modules(target_modules, linear_module_names(resolve_model_reference(base_model)))
+    model_reference = resolve_model_reference(base_model)
+    attn_implementation = choose_attention(attn_implementation, packing=packing, cuda=cuda, cutoff_len=cutoff_len,
+                                           config=transformers.AutoConfig.from_pretrained(model_reference))
+    check_target_modules(target_modules, linear_module_names(model_reference))
     # every data error surfaces here, before the model loads; chat: Alpaca, messages and ShareGPT
     # records (mixed, comma-separated files) in the base tokenizer's chat template
     records = load_chat_records(data_path) if prompt_template_name == CHAT else load_records(data_path)
@@ -308,10 +310,12 @@ def check_optimizer(optim: str) -> None:
 ATTENTION_CHOICES = ("auto", PER_EXAMPLE_SDPA, "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
-def choose_attention(name: str, *, packing: bool, cuda: bool) -> str:
+def choose_attention(name: str, *, packing: bool, cuda: bool, config=None, cutoff_len: int = 256) -> str:
     """The attention kernel. Packed rows need attention that keeps examples apart without a dense
     mask over the whole row: flash-attention 2 on a GPU (variable-length kernel) when installed,
-    else SDPA on each example alone (utils/attention.py)."""
+    else SDPA on each example alone (utils/attention.py), except for a model (config) whose
+    attention that would not compute (a sliding window, soft-capping, sinks: per_example_limits),
+    which keeps transformers' own (a mask over each packed row, from its position ids)."""
     if name not in ATTENTION_CHOICES:
         raise CodeUpError(f"--attn_implementation must be one of {', '.join(ATTENTION_CHOICES)}, not {name!r}")
     flash_installed = importlib.util.find_spec("flash_attn") is not None
@@ -322,7 +326,13 @@ def choose_attention(name: str, *, packing: bool, cuda: bool) -> str:
         return name
     if not packing:
         return "sdpa"
-    return "flash_attention_2" if cuda and flash_installed else PER_EXAMPLE_SDPA
+    if cuda and flash_installed:
+        return "flash_attention_2"
+    if config is not None and (limit := per_example_limits(config, cutoff_len=cutoff_len)):
+        implementation, why = limit
+        logger.info(f"attention: transformers' {implementation}, not per-example SDPA: {why}")
+        return implementation
+    return PER_EXAMPLE_SDPA
 
 
 def configure_reporting(*, report_to: str, wandb_project: str, wandb_watch: str, wandb_log_model: str) -> str:
@@ -571,8 +581,11 @@ class Trainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         head = head_of(self.accelerator.unwrap_model(model))
+        # A mixture of experts that adds its router's load-balancing loss (output_router_logits) gets it
+        # from the model's own forward with labels: the chunked loss would drop it.
+        router_loss = getattr(self.accelerator.unwrap_model(model).config, "output_router_logits", False)
         if (return_outputs or head is None or "labels" not in inputs or self.label_smoother is not None
-                or self.compute_loss_func is not None or self.args.n_gpu > 1):
+                or self.compute_loss_func is not None or self.args.n_gpu > 1 or router_loss):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         features = {name: value for name, value in inputs.items() if name != "labels"}

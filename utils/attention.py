@@ -9,6 +9,12 @@ name for `attn_implementation`) splits the row at the restarts and runs causal a
 example alone: the same result, no cross-example compute, no mask. The attention itself is SDPA,
 except for short examples on a CPU (MatmulCausalAttention, faster there). Batches that carry a padding
 mask, and generation with a KV cache, go to transformers' own `sdpa` unchanged.
+
+It attends causally over each whole example: no sliding window, no soft-capping of the scores, no
+attention sinks. `per_example_limits` tells, from a model's config, where that would compute
+something else (Gemma 2's soft-capping, Mistral v0.1's window on examples longer than it, gpt-oss's
+sinks), and finetune.py then hands the model to transformers' own attention; a packed row that
+meets one of them here anyway (the kernel forced) stops with an error instead of training wrong.
 """
 
 import contextlib
@@ -173,6 +179,32 @@ def example_spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], position_ids.numel()]))
 
 
+# Models whose attention adds learned sinks to the softmax (config.model_type).
+SINK_MODEL_TYPES = ("gpt_oss",)
+
+
+def per_example_limits(config, *, cutoff_len: int) -> tuple[str, str] | None:
+    """(transformers' attention that computes it, why) where per-example attention would compute
+    something other than config's model does on examples of up to cutoff_len tokens; else None."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "attn_logit_softcapping", None):
+        return "eager", f"its attention soft-caps the scores (attn_logit_softcapping {config.attn_logit_softcapping})"
+    if getattr(config, "model_type", None) in SINK_MODEL_TYPES:
+        return "eager", "its attention has sinks"
+    window = getattr(config, "sliding_window", None)
+    if window and window <= cutoff_len:
+        return "sdpa", f"its attention slides over a window of {window} tokens, within --cutoff_len {cutoff_len}"
+    return None
+
+
+def check_per_example_features(kwargs: dict, longest: int) -> None:
+    """Refuse what per-example attention does not compute (see per_example_limits)."""
+    window = kwargs.get("sliding_window")
+    if kwargs.get("softcap") or kwargs.get("s_aux") is not None or (window and longest >= window):
+        raise ValueError(f"{PER_EXAMPLE_SDPA} attends over whole examples, without this model's sliding window, "
+                         "soft-capping or sinks: use --attn_implementation auto (or sdpa, eager)")
+
+
 def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """query: (batch, heads, length, head_dim), key/value: (batch, kv_heads, length, head_dim).
     Returns (batch, length, heads, head_dim) and no weights, as transformers' attention functions do."""
@@ -192,6 +224,7 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
     rows = []
     for positions, q, k, v in zip(position_ids.expand(query.shape[0], -1), *map(batch_rows, (query, key, value))):
         spans = example_spans(positions)
+        check_per_example_features(kwargs, max(end - start for start, end in spans))
         length = spans[0][1]
         if all(end - start == length for start, end in spans):
             # Examples of one length (a GPU benchmark, fixed-length data): one batched call.
