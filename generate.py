@@ -4,12 +4,18 @@
     python generate.py --lora_weights ./lora-codeup      # base model + your adapter
     python generate.py --instruction "Reverse a string in Python."          # print one answer
     python generate.py --prompts_file in.jsonl --output_file out.jsonl      # answer a file, batched
-    python generate.py --api_only --api_key KEY          # only the OpenAI-compatible API (/v1/...)
+    python generate.py --api_key_file ~/.codeup-key      # page + API, both asking for the key
+    python generate.py --api_only --api_key_file KEYFILE # only the OpenAI-compatible API (/v1/...)
 
 The page and the OpenAI-compatible API (utils/openai_api.py: /v1/models, /v1/chat/completions,
 /v1/completions) share one port, one model and one queue. One Generator (utils/generation.py) serves all: it builds the prompt from the template,
 generates (greedy when temperature is 0; streamed with transformers' TextIteratorStreamer), stops
 at EOS or where the model starts a new template section, and returns only the response.
+
+With a key (--api_key_file, CODEUP_API_KEY or --api_key) one check guards every route of the port
+(utils/openai_api.py's KeyGate): the page asks for the key before anything loads (a login form
+that sets a cookie), its Gradio API and queue need the cookie or `Authorization: Bearer KEY`
+(gradio_client: `Client(url, headers={"Authorization": "Bearer KEY"})`), and /v1 the bearer header.
 """
 
 import json
@@ -25,7 +31,7 @@ from utils.errors import CodeUpError
 from utils.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
-from utils.openai_api import API_KEY_ENV
+from utils.openai_api import API_KEY_ENV, KeyGate
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 EMPTY_INSTRUCTION = "Please enter an instruction."
@@ -165,8 +171,10 @@ def main(
     seed: int | None = None,
     api_only: bool = False,
     api_key: str | None = None,
+    api_key_file: str = "",
     api_model_name: str = "",
     max_queue: int = 64,
+    max_prompt_tokens: int | None = None,
 ):
     """Start the web demo, or answer --instruction or a --prompts_file and exit.
 
@@ -191,11 +199,16 @@ def main(
         max_new_tokens: the longest answer in tokens (CLI modes).
         seed: seeds sampling, for repeatable answers.
         api_only: serve only the OpenAI-compatible API (/v1/...), without the page.
-        api_key: require "Authorization: Bearer KEY" on every /v1 route (default: the
-            CODEUP_API_KEY environment variable; unset: no key, fine on 127.0.0.1).
+        api_key: require this key on every route: the page asks for it, its Gradio API and /v1
+            need "Authorization: Bearer KEY" (default: the CODEUP_API_KEY environment variable;
+            unset: no key, fine on 127.0.0.1). On the command line `ps` shows it to every user:
+            prefer --api_key_file or the variable.
+        api_key_file: read the key from this file (one line; keep it chmod 600).
         api_model_name: the model name the API serves and expects in requests (default: the
             adapter's folder name, else the base model's name).
         max_queue: requests that may wait for the model; the API answers 429 beyond it.
+        max_prompt_tokens: the longest prompt the API accepts, in tokens (default: the model's
+            context minus the request's max_tokens); longer ones get a 400.
     """
     if prompts_file and not output_file:
         raise CodeUpError("--prompts_file needs --output_file")
@@ -206,11 +219,15 @@ def main(
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, max_new_tokens=max_new_tokens)
     if max_queue < 1:
         raise CodeUpError("--max_queue must be at least 1")
+    if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+        raise CodeUpError("--max_prompt_tokens must be a whole number of at least 1")
     # A bad prompts file is reported before the model loads (minutes for a large one).
     records = read_prompts(Path(prompts_file)) if prompts_file else None
     scripted = bool(str(instruction).strip()) or bool(prompts_file)
-    if not scripted and server_name not in LOOPBACK:
-        logger.warning(f"the page listens on {server_name}: other machines on your network can use it")
+    key = None if scripted else resolve_api_key(api_key=api_key, api_key_file=api_key_file)
+    if not scripted:
+        warn_about_exposure(key=key, server_name=server_name, server_port=server_port, share_gradio=share_gradio,
+                            api_only=api_only)
     generator = Generator(base_model, lora_weights or None, load_8bit, prompt_template)
     if prompts_file:
         return answer_file(generator, records, output_file, batch_size, settings)
@@ -218,28 +235,75 @@ def main(
         print(generator.answer(str(instruction), str(input), **settings))
         return None
     if share_gradio:
-        logger.warning("--share_gradio: a public link to this page will exist for 72 hours (the page only: "
-                      "the /v1 API is served without --share_gradio)")
-        build_demo(generator, base_model=base_model, lora_weights=lora_weights).queue(max_size=max_queue).launch(server_name=server_name, server_port=server_port, share=True)
+        from starlette.middleware import Middleware
+
+        # The same gate as serve()'s, in front of the app Gradio builds for the public link.
+        build_demo(generator, base_model=base_model, lora_weights=lora_weights).queue(max_size=max_queue).launch(
+            server_name=server_name, server_port=server_port, share=True,
+            app_kwargs={"middleware": [Middleware(KeyGate, api_key=key)]} if key else None)
         return None
-    serve(generator, base_model=base_model, lora_weights=lora_weights, api_only=api_only,
-          api_key=api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None,
-          api_model_name=api_model_name, max_queue=max_queue, server_name=server_name, server_port=server_port)
+    serve(generator, base_model=base_model, lora_weights=lora_weights, api_only=api_only, api_key=key,
+          api_model_name=api_model_name, max_queue=max_queue, server_name=server_name, server_port=server_port,
+          max_prompt_tokens=max_prompt_tokens)
     return None
+
+
+def resolve_api_key(*, api_key, api_key_file: str) -> str | None:
+    """The server's key: --api_key_file, else --api_key, else CODEUP_API_KEY; None: no key."""
+    if api_key_file:
+        if api_key is not None:
+            raise CodeUpError("--api_key and --api_key_file: give one of them")
+        path = Path(str(api_key_file)).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise CodeUpError(f"--api_key_file {path}: cannot read it ({getattr(error, 'strerror', None) or error})") from error
+        if len(lines) != 1 or not lines[0].strip():
+            raise CodeUpError(f"--api_key_file {path}: expected one line holding the key")
+        if path.stat().st_mode & 0o077:
+            logger.warning(f"--api_key_file {path}: other users of this machine can read it (chmod 600 {path})")
+        return lines[0].strip()
+    if api_key is not None and str(api_key):
+        logger.warning("--api_key on the command line: every user of this machine can read it (ps); "
+                       "prefer --api_key_file or the CODEUP_API_KEY environment variable")
+        return str(api_key)
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def warn_about_exposure(*, key, server_name, server_port, share_gradio, api_only) -> None:
+    """One warning naming what other machines can reach, when the server listens beyond loopback."""
+    routes = ("the OpenAI-compatible API (/v1)" if api_only else
+              "the page, its Gradio API (/generate, /chat, the queue) and the OpenAI-compatible API (/v1)")
+    if share_gradio:
+        routes = "the page and its Gradio API (/generate, /chat, the queue)"  # no /v1 behind the link
+    if key:
+        if share_gradio or server_name not in LOOPBACK:
+            where = "a public gradio.live link (72 hours)" if share_gradio else f"{server_name}:{server_port}"
+            logger.warning(f"{routes}: reachable through {where}, every route behind the API key")
+        return
+    if share_gradio:
+        logger.warning(f"--share_gradio without an API key: anyone with the public gradio.live link can use {routes} "
+                       "for 72 hours; set a key with --api_key_file")
+    elif server_name not in LOOPBACK:
+        logger.warning(f"no API key and the server listens on {server_name}: anyone who can reach port {server_port} "
+                       f"can use {routes}; set a key with --api_key_file")
 
 
 def served_model_name(base_model: str, lora_weights: str) -> str:
     return Path(str(lora_weights or base_model).rstrip("/")).name or str(base_model)
 
 
-def serve(generator, *, base_model, lora_weights, api_only, api_key, api_model_name, max_queue, server_name, server_port):
-    """The OpenAI-compatible API, and the page mounted on the same FastAPI app (one port, one model)."""
+def serve(generator, *, base_model, lora_weights, api_only, api_key, api_model_name, max_queue, server_name, server_port,
+          max_prompt_tokens=None):
+    """The OpenAI-compatible API, and the page mounted on the same FastAPI app (one port, one model),
+    all behind one KeyGate (with a key: every route needs it)."""
     import uvicorn
 
     from utils.openai_api import OpenAIServer, build_app
 
     name = api_model_name or served_model_name(base_model, lora_weights)
-    app = build_app(OpenAIServer(generator, name, api_key=api_key, max_queue=max_queue))
+    app = build_app(OpenAIServer(generator, name, api_key=api_key, max_queue=max_queue,
+                                 max_prompt_tokens=max_prompt_tokens))
     if not api_only:
         import gradio as gr
 
@@ -247,8 +311,8 @@ def serve(generator, *, base_model, lora_weights, api_only, api_key, api_model_n
         app = gr.mount_gradio_app(app, demo, path="/", server_name=server_name, server_port=server_port)
     where = f"http://{server_name}:{server_port}"
     print(("" if api_only else f"The page: {where}/\n") + f"OpenAI-compatible API: {where}/v1 (model {name!r}"
-          + (", key required)" if api_key else ")"), flush=True)
-    uvicorn.run(app, host=server_name, port=server_port, log_level="warning")
+          + (", the key required on every route)" if api_key else ")"), flush=True)
+    uvicorn.run(KeyGate(app, api_key=api_key), host=server_name, port=server_port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -91,10 +91,14 @@ def test_lora_from_another_model_is_a_clear_startup_error(tiny_llama_dir, tmp_pa
 
 # ---- the web page ---------------------------------------------------------------------------
 
+PAGE_KEY = "page-test-key-7d2a"
+
+
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
-    """The page on the real SmolLM2-135M: its answers are text a person can read, and stream word by word."""
-    process, port = start_generate_server(timeout=180)
+    """The page on the real SmolLM2-135M: its answers are text a person can read, and stream word
+    by word. With a key, as a served page should be: the browser signs in, gradio_client sends it."""
+    process, port = start_generate_server(timeout=180, env_extra={"CODEUP_API_KEY": PAGE_KEY})
     yield {"url": f"http://127.0.0.1:{port}/", "port": port, "pid": process.pid}
     stop_generate_server(process)
 
@@ -102,7 +106,8 @@ def server(smollm2_dir):
 def client(server):
     from gradio_client import Client
 
-    return Client(server["url"], analytics_enabled=False, verbose=False, download_files=False)
+    return Client(server["url"], analytics_enabled=False, verbose=False, download_files=False,
+                  headers={"Authorization": f"Bearer {PAGE_KEY}"})
 
 
 ARGS = dict(input="", temperature=0, top_p=0.75, top_k=40, num_beams=1, max_new_tokens=24)
@@ -160,8 +165,8 @@ def test_page_listens_on_loopback_only_by_default(server):
 
 @pytest.mark.slow
 def test_a_real_browser_streams_an_answer_and_chats(server, tmp_path):
-    """The Instruction form answers in Markdown (code rendered as code), the page names its model,
-    and the Chat tab answers."""
+    """The page asks for the key before anything loads; then the Instruction form answers in
+    Markdown (code rendered as code), the page names its model, and the Chat tab answers."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not os.path.exists("/usr/bin/chromium"):
         if os.environ.get("CI"):
@@ -175,6 +180,14 @@ def test_a_real_browser_streams_an_answer_and_chats(server, tmp_path):
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(server["url"])
+        key_box = page.get_by_label("API key")
+        key_box.wait_for(timeout=60_000)
+        asks_for_the_key = page.get_by_role("textbox", name="Instruction").count() == 0 and "smollm2" not in page.content()
+        key_box.fill("not-the-key")
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_text("Wrong key").wait_for(timeout=60_000)
+        page.get_by_label("API key").fill(PAGE_KEY)
+        page.get_by_role("button", name="Sign in").click()
         page.get_by_role("textbox", name="Instruction").wait_for(timeout=120_000)
         assert "smollm2-135m" in page.locator("body").inner_text()  # the page names what it serves
         page.get_by_role("textbox", name="Instruction").fill("Write a Python function that adds two numbers.")
@@ -196,6 +209,7 @@ def test_a_real_browser_streams_an_answer_and_chats(server, tmp_path):
         page.screenshot(path=str(artifacts / "generate_chat.png"), full_page=True)
         bot_messages = page.locator(".bot-row").all_inner_texts()
         browser.close()
+    assert asks_for_the_key
     assert text and text != "Please enter an instruction."
     assert highlighted >= 1  # SmolLM2 answers with a fenced code block, rendered as code
     assert any(m.strip() for m in bot_messages)

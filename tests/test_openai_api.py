@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, start_generate_server, stop_generate_server
+from conftest import ROOT, build_tiny_llama, start_generate_server, stop_generate_server
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow  # each module server loads a model and serves it
@@ -25,12 +25,19 @@ def smollm2_server(smollm2_dir):
     stop_generate_server(process)
 
 
+MAX_PROMPT_TOKENS = 128
+
+
 @pytest.fixture(scope="module")
-def keyed_server(tiny_llama_dir):
-    """The tiny random model, a key required, one request waiting at most."""
-    process, port = start_generate_server("--base_model", tiny_llama_dir, "--api_only", "--max_queue", 1,
-                                 env_extra={"CODEUP_API_KEY": KEY})
-    yield {"base": f"http://127.0.0.1:{port}", "model": tiny_llama_dir.name}
+def keyed_server(tmp_path_factory):
+    """A tiny random model with a 4096-token context (room for long answers), a key required, one
+    request waiting at most, prompts of at most MAX_PROMPT_TOKENS tokens."""
+    folder = build_tiny_llama(tmp_path_factory.mktemp("long-context") / "tiny-llama-4k")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=4096)))
+    process, port = start_generate_server("--base_model", folder, "--api_only", "--max_queue", 1,
+                                          "--max_prompt_tokens", MAX_PROMPT_TOKENS, env_extra={"CODEUP_API_KEY": KEY})
+    yield {"base": f"http://127.0.0.1:{port}", "model": folder.name}
     stop_generate_server(process)
 
 
@@ -167,6 +174,37 @@ def test_unknown_route_and_oversized_body(smollm2_server):
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     with pytest.raises(openai.NotFoundError):
         chat(dict(smollm2_server, model="no-such-model"))
+
+
+def test_prompts_beyond_the_context_or_max_prompt_tokens_get_400(smollm2_server, keyed_server):
+    """SmolLM2's context is 8192 tokens: a longer prompt, or one that leaves no room for max_tokens,
+    is refused before it takes the model; --max_prompt_tokens refuses shorter ones."""
+    url = smollm2_server["base"] + "/v1/completions"
+    for prompt, max_tokens in (("hello " * 9000, None), ("hello " * 7000, 2000)):
+        body = {"model": "smollm2-135m", "prompt": prompt, **({"max_tokens": max_tokens} if max_tokens else {})}
+        response = httpx.post(url, json=body, timeout=120)
+        assert response.status_code == 400, response.text[:500]
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "prompt" and "8192" in error["message"]
+    api = client(keyed_server, key=KEY)
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model=keyed_server["model"], messages=[{"role": "user", "content": "add " * 200}],
+                                    max_tokens=2)
+    assert refused.value.body["code"] == "context_length_exceeded" and str(MAX_PROMPT_TOKENS) in refused.value.body["message"]
+    short = api.completions.create(model=keyed_server["model"], prompt="def add(a, b):", max_tokens=2, temperature=0)
+    assert short.usage.prompt_tokens <= MAX_PROMPT_TOKENS and short.usage.completion_tokens <= 2
+
+
+def test_a_non_streaming_client_that_leaves_frees_the_worker(smollm2_server):
+    """Its generation (2000 tokens: over a minute on a CPU) stops when it goes away, so the next
+    request is answered at once."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(smollm2_server["base"] + "/v1/completions", timeout=httpx.Timeout(60, read=3),
+                   json={"model": "smollm2-135m", "prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": 2000})
+    started = time.time()
+    quick = client(smollm2_server, timeout=60).completions.create(model="smollm2-135m", prompt="x =", max_tokens=2,
+                                                                   temperature=0)
+    assert quick.usage.completion_tokens <= 2 and time.time() - started < 30
 
 
 def test_the_key_is_required_and_checked(keyed_server):

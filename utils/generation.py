@@ -102,6 +102,21 @@ class Generator:
         return self.tokenizer(prompts, return_tensors="pt", padding=True,
                               add_special_tokens=add_special_tokens).to(self.model.device)
 
+    def count_tokens(self, prompt: str, add_special_tokens=None) -> int:
+        """The prompt's length in tokens, as generation will see it."""
+        if add_special_tokens is None:
+            add_special_tokens = not self.chat
+        return len(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def context_length(self) -> int | None:
+        """The longest sequence (prompt + answer) the model was built for; None: not recorded."""
+        config = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     def chat_prompt(self, messages: list[dict]) -> str:
         """The prompt for a conversation ({"role", "content"} messages, the last one the user's):
         the chat template for chat-tuned models; with an instruction template, each earlier

@@ -8,11 +8,17 @@ Both POST routes stream server-sent events (`stream: true`, ending in `data: [DO
 one JSON body, with usage token counts and finish_reason (stop / length).
 
 Requests generate one at a time (the Generator's lock, which the page shares); at most
-`max_queue` API requests wait, further ones get 429. A client that disconnects mid-stream cancels
-its generation, so the next request starts at once. Errors use OpenAI's JSON error shape.
+`max_queue` API requests wait, further ones get 429. A client that disconnects (mid-stream, or
+while it waits for a non-streamed answer) cancels its generation, so the next request starts at
+once. A prompt must fit: at most --max_prompt_tokens, and with max_tokens within the model's
+context (400, code context_length_exceeded). Errors use OpenAI's JSON error shape.
+
+With a key, KeyGate (below) stands in front of the whole app, the page's routes included; the
+/v1 routes check the key again with the same function (presents_key).
 """
 
 import asyncio
+import hashlib
 import hmac
 import json
 import threading
@@ -29,6 +35,33 @@ from utils.generation import MAX_NEW_TOKENS, Completion, Generator
 API_KEY_ENV = "CODEUP_API_KEY"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 512
+SESSION_COOKIE = "codeup_session"
+LOGIN_PATH = "/codeup-login"
+MAX_LOGIN_BODY = 4096
+
+
+# ---- the key: one check for every route (the page, its Gradio API and queue, /v1) ---------------
+
+def session_token(api_key: str) -> str:
+    """What the page's login cookie holds: derived from the key (never the key itself)."""
+    return hmac.new(api_key.encode(), b"codeup page session", hashlib.sha256).hexdigest()
+
+
+def presents_key(headers, api_key: str | None) -> bool:
+    """Whether a request (its headers: a mapping with lower-case names, e.g. Starlette's) carries
+    the key: `Authorization: Bearer KEY`, or the cookie the login page sets. Compared in constant
+    time: the answer's timing says nothing about the key. No key configured: every request does."""
+    if not api_key:
+        return True
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return True
+    expected = session_token(api_key).encode()
+    for part in headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == SESSION_COOKIE and hmac.compare_digest(value.strip().encode(), expected):
+            return True
+    return False
 
 
 class ApiError(Exception):
@@ -109,8 +142,10 @@ class CompletionRequest(Sampling):
 class OpenAIServer:
     """Routes for one Generator served under one model name."""
 
-    def __init__(self, generator: Generator, model_name: str, api_key: str | None = None, max_queue: int = 64):
+    def __init__(self, generator: Generator, model_name: str, api_key: str | None = None, max_queue: int = 64,
+                 max_prompt_tokens: int | None = None):
         self.generator, self.model_name, self.api_key, self.max_queue = generator, model_name, api_key, max_queue
+        self.max_prompt_tokens = max_prompt_tokens
         self.created = int(time.time())
         self.admitted = 0  # API requests waiting or generating
         self.admitted_lock = threading.Lock()
@@ -137,12 +172,7 @@ class OpenAIServer:
         return route
 
     def check_key(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        # Constant-time comparison: the answer's timing says nothing about the key.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if not presents_key(request.headers, self.api_key):
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer YOUR_KEY'.",
                            "invalid_request_error", "invalid_api_key")
 
@@ -170,11 +200,11 @@ class OpenAIServer:
         if messages[-1]["role"] != "user":
             raise ApiError(400, "the last message must be the user's", "invalid_request_error", param="messages")
         prompt = self.generator.chat_prompt(messages)
-        return await self.respond(body, prompt, chat=True, add_special_tokens=None, strip=True)
+        return await self.respond(request, body, prompt, chat=True, add_special_tokens=None, strip=True)
 
     async def completions(self, request: Request):
         body = await self.parse(request, CompletionRequest)
-        return await self.respond(body, body.prompt, chat=False, add_special_tokens=True, strip=False)
+        return await self.respond(request, body, body.prompt, chat=False, add_special_tokens=True, strip=False)
 
     async def parse(self, request: Request, schema):
         declared = request.headers.get("content-length")
@@ -240,16 +270,40 @@ class OpenAIServer:
         threading.Thread(target=work, daemon=True, name="openai-api-request").start()
         return queue, cancel
 
-    async def respond(self, body: Sampling, prompt: str, *, chat: bool, add_special_tokens, strip):
-        settings = dict(body.settings(), add_special_tokens=add_special_tokens, strip=strip)
+    async def token_budget(self, body: Sampling, prompt: str, *, chat: bool, add_special_tokens) -> int:
+        """The answer's max_new_tokens, once the prompt is known to fit: at most --max_prompt_tokens
+        (when set) and, with max_tokens, at most the model's context (a 400 in OpenAI's shape
+        otherwise); without max_tokens the default is cut to what the context leaves."""
+        prompt_tokens = await asyncio.to_thread(self.generator.count_tokens, prompt, add_special_tokens)
+        requested = body.max_completion_tokens or body.max_tokens
+        context = self.generator.context_length()
+        param = "messages" if chat else "prompt"
+        if self.max_prompt_tokens is not None and prompt_tokens > self.max_prompt_tokens:
+            raise ApiError(400, f"The prompt has {prompt_tokens} tokens; this server accepts at most "
+                                f"{self.max_prompt_tokens}.", "invalid_request_error", "context_length_exceeded", param)
+        if context is None:
+            return requested or DEFAULT_MAX_TOKENS
+        if prompt_tokens + (requested or 1) > context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens}"
+                                + (f" and max_tokens asks for {requested} more." if requested else "."),
+                           "invalid_request_error", "context_length_exceeded", param)
+        return requested or min(DEFAULT_MAX_TOKENS, context - prompt_tokens)
+
+    async def respond(self, request: Request, body: Sampling, prompt: str, *, chat: bool, add_special_tokens, strip):
+        max_new_tokens = await self.token_budget(body, prompt, chat=chat, add_special_tokens=add_special_tokens)
+        settings = dict(body.settings(), max_new_tokens=max_new_tokens, add_special_tokens=add_special_tokens, strip=strip)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         queue, cancel = self.start(prompt, settings)
         if not body.stream:
+            watcher = asyncio.ensure_future(cancel_on_disconnect(request, cancel))
             try:
                 while not isinstance(item := await queue.get(), (Completion, Exception, type(None))):
                     pass
             finally:
                 cancel.set()  # a client that left stops the generation too
+                watcher.cancel()
+            if item is None:  # the client left before its answer: nobody to answer
+                raise ApiError(499, "The client closed the request.", "invalid_request_error", "client_closed_request")
             if isinstance(item, Exception):
                 raise ApiError(500, f"generation failed: {item}", "server_error") from item
             text = (prompt + item.text) if getattr(body, "echo", False) else item.text
@@ -300,6 +354,16 @@ class OpenAIServer:
             cancel.set()  # the client disconnected (or the stream ended): free the worker
 
 
+async def cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Sets `cancel` when the client of a non-streaming request goes away: its generation (or its
+    wait for the model) ends at the next token, and the next request starts."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
 def usage(completion: Completion) -> dict:
     return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
             "total_tokens": completion.prompt_tokens + completion.completion_tokens}
@@ -316,3 +380,92 @@ def build_app(server: OpenAIServer, *, title="CodeUp"):
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(server.router())
     return app
+
+
+# ---- the gate in front of the whole app: the page, its Gradio API and queue, /v1 -----------------
+
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>CodeUp: sign in</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:28rem;margin:15vh auto;padding:0 1rem}}
+input{{font-size:1rem;padding:.4rem;width:100%;box-sizing:border-box;margin:.5rem 0}}
+button{{font-size:1rem;padding:.4rem 1rem}}.error{{color:#b00020}}</style></head>
+<body><h1>CodeUp</h1><p>This server needs its API key.</p>{message}
+<form method="post" action="{action}"><label for="key">API key</label>
+<input id="key" name="key" type="password" autocomplete="current-password" autofocus required>
+<button type="submit">Sign in</button></form></body></html>
+"""
+
+
+class KeyGate:
+    """ASGI middleware around the whole app: with a key set, every request (the page, its assets,
+    its Gradio API and queue, websockets, /v1) must present it (`presents_key`): a bearer header
+    (API clients: openai, curl, gradio_client's `headers=`) or the cookie that the login page
+    (LOGIN_PATH) sets once the key is typed in. A browser without it gets the login page; anything
+    else a 401 in OpenAI's error shape. Without a key it passes everything through."""
+
+    def __init__(self, app, *, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or not self.api_key:
+            return await self.app(scope, receive, send)
+        headers = request_headers(scope)
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path == LOGIN_PATH:
+            return await self.login(scope, receive, send)
+        if presents_key(headers, self.api_key):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        wants_page = scope.get("method") in ("GET", "HEAD") and "text/html" in headers.get("accept", "") \
+            and not path.startswith("/v1")
+        if wants_page:
+            return await self.page(send, 401, "")
+        await send_response(send, 401, "application/json", json.dumps(
+            {"error": {"message": "Incorrect or missing API key: send 'Authorization: Bearer YOUR_KEY'.",
+                       "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}).encode(),
+                            [(b"www-authenticate", b"Bearer")])
+
+    async def page(self, send, status: int, message: str):
+        html = LOGIN_PAGE.format(message=message, action=LOGIN_PATH)
+        await send_response(send, status, "text/html; charset=utf-8", html.encode(),
+                            [(b"cache-control", b"no-store")])
+
+    async def login(self, scope, receive, send):
+        """GET: the form. POST: the key typed in; right, the session cookie and the page; wrong, the
+        form again (401)."""
+        if scope.get("method") != "POST":
+            return await self.page(send, 200, "")
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > MAX_LOGIN_BODY:
+                return await send_response(send, 413, "text/plain", b"request too large")
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                break
+        from urllib.parse import parse_qs
+
+        typed = (parse_qs(body.decode("utf-8", errors="replace")).get("key") or [""])[0].strip()
+        if not hmac.compare_digest(typed.encode(), self.api_key.encode()):
+            return await self.page(send, 401, '<p class="error" role="alert">Wrong key.</p>')
+        cookie = f"{SESSION_COOKIE}={session_token(self.api_key)}; Path=/; HttpOnly; SameSite=Strict"
+        await send_response(send, 303, "text/plain", b"", [(b"location", b"/"), (b"set-cookie", cookie.encode()),
+                                                           (b"cache-control", b"no-store")])
+
+
+def request_headers(scope) -> dict:
+    """An ASGI scope's headers as {lower-case name: value}; repeated cookies joined."""
+    headers: dict = {}
+    for name, value in scope.get("headers", []):
+        name, value = name.decode("latin-1").lower(), value.decode("latin-1")
+        headers[name] = f"{headers[name]}; {value}" if name == "cookie" and name in headers else value
+    return headers
+
+
+async def send_response(send, status: int, content_type: str, body: bytes, extra_headers=()):
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
+                            *extra_headers]})
+    await send({"type": "http.response.body", "body": body})
