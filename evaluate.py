@@ -12,6 +12,8 @@ problem's tests under the benchmark's own convention (utils/multilingual.py for 
 languages), compile and run it in the sandbox (utils/sandbox.py), and estimate pass@k with the
 Codex paper's unbiased estimator. Writes {output_dir}/{task}_samples.jsonl and {task}_results.json
 per task, and for the multilingual tasks a bar chart of pass@1 by language (pass_at_1.png).
+Where the machine has no sandbox (not root, and no bubblewrap: resource limits only), it refuses
+to run model-written code, before any generation, unless --allow_unsandboxed is given.
 """
 
 import json
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.logs import progress_bars_wanted  # first: known-harmless library notices off; in a log file, no progress bars
+from utils.logs import logger, progress_bars_wanted  # first: known-harmless library notices off; in a log file, no progress bars
 from utils.benchmarks import load_humaneval, load_mbpp
 from utils.cli import parse_list, run_cli
 from utils import multilingual
@@ -283,6 +285,18 @@ def plot_pass_at_1(all_results: list[dict], path: Path, model: str) -> None:
             os.remove(temp)
 
 
+def require_a_sandbox(allow_unsandboxed: bool) -> None:
+    """Model-written code runs in namespaces (root) or bubblewrap; with rlimits only, not unless asked."""
+    if isolation() != "rlimits":
+        return
+    if not allow_unsandboxed:
+        raise CodeUpError("no sandbox on this machine (not root, and no bubblewrap): model-written code would run as "
+                          "you, with your files and the network; run as root or install bubblewrap (apt-get install "
+                          "bubblewrap), or pass --allow_unsandboxed to run it with resource limits only")
+    logger.warning("--allow_unsandboxed: the programs run as you, with your files and the network "
+                   "(resource limits only)")
+
+
 def main(
     task: str = "humaneval",
     base_model: str = DEFAULT_BASE_MODEL,
@@ -306,6 +320,7 @@ def main(
     api_model: str = "",
     api_key: str = "",
     api_concurrency: int = 4,
+    allow_unsandboxed: bool = False,
 ):
     """Score a model (or given completions) on HumanEval, MBPP, HumanEval-X or MultiPL-E; write
     samples and results.
@@ -341,6 +356,8 @@ def main(
         api_model: the model name to ask the server for (default: the first it lists).
         api_key: the server's key (default: the CODEUP_API_KEY environment variable).
         api_concurrency: requests in flight at once.
+        allow_unsandboxed: run the programs even where the only isolation is resource limits (not
+            root and no bubblewrap: they would run as you, with your files and the network).
     """
     started = time.time()
     ks = sorted({int(value) for value in parse_list(k)}) if not isinstance(k, int) else [k]
@@ -359,6 +376,7 @@ def main(
             multilingual.check_toolchain(multilingual.TASKS[name][1], multilingual.TASKS[name][0])
         problems += [dict(p, task=name) for p in load_problems(name, mbpp_path, limit, problems_file, benchmarks_dir)]
     by_key = {(p["task"], p["task_id"]): p for p in problems}
+    require_a_sandbox(allow_unsandboxed)  # before minutes of generation, not after
     if samples_file:
         samples = read_samples(samples_file, problems, tasks)
         model = f"samples from {samples_file}"

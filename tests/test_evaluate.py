@@ -129,9 +129,30 @@ def test_bad_arguments_fail_in_one_line(tmp_path):
 
 # ---- the sandbox ---------------------------------------------------------------------------------
 
-def hostile_completions(canary):
-    """Function bodies for HumanEval/0 that misbehave; none may pass, or harm anything."""
+def spy_on_processes(marker: str, what: str) -> str:
+    """A function body that looks through /proc/*/{what} (cmdline, environ) of every process it
+    can see for `marker` (split in two, so that the source itself never holds it), and fails with
+    what it found: the result field of the samples file would show it."""
+    half = len(marker) // 2
+    return ("    import os\n    found = []\n    for pid in os.listdir('/proc'):\n        try:\n"
+            f"            with open('/proc/' + pid + '/{what}', 'rb') as f:\n"
+            "                text = f.read().decode(errors='replace')\n"
+            "        except OSError:\n            continue\n"
+            f"        if {marker[:half]!r} + {marker[half:]!r} in text:\n"
+            "            found.append(text.replace(chr(0), ' '))\n"
+            "    raise AssertionError('found: ' + ' | '.join(found) if found else 'nothing found')\n")
+
+
+def hostile_completions(canary, marker="codeup-marker-unused"):
+    """Function bodies for HumanEval/0 that misbehave; none may pass, or harm anything. `marker`:
+    the command line and environment of a process beside the harness, which none may read."""
     return {
+        "read other processes' command lines": spy_on_processes(marker, "cmdline"),
+        "read other processes' environments": spy_on_processes(marker, "environ"),
+        "write to /dev/shm": "    with open('/dev/shm/codeup-hostile', 'w') as f:\n        f.write('x')\n    return True\n",
+        "signal process 1 outside": "    import os, signal\n    os.kill(1, signal.SIGKILL)\n    return True\n",
+        "ptrace another process": ("    import ctypes, os\n    libc = ctypes.CDLL(None)\n"
+                                   "    assert all(libc.ptrace(16, int(p), 0, 0) != 0 for p in os.listdir('/proc') if p.isdigit())\n"),
         "infinite loop": "    while True:\n        pass\n",
         "sleep forever": "    import time\n    time.sleep(10**6)\n",
         "fork bomb": "    import os\n    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n",
@@ -155,10 +176,18 @@ def test_hostile_programs_fail_and_harm_nothing(tmp_path):
     os.chmod(canary_dir, 0o755)  # visible to the sandbox user, not writable
     canary = canary_dir / "canary.txt"
     canary.write_text("still here")
-    hostile = hostile_completions(canary)
+    # A process beside the harness with a secret on its command line and in its environment.
+    marker = "codeup-marker-" + os.urandom(6).hex()
+    bystander = subprocess.Popen(["/usr/bin/python3", "-c", "import time; time.sleep(600)", marker],
+                                 env={"CODEUP_SECRET": marker})
+    hostile = hostile_completions(canary, marker)
     samples = write_samples(tmp_path / "hostile.jsonl", [("HumanEval/0", code) for code in hostile.values()])
-    result, harness_pid = run_evaluate_with_pid("--samples_file", samples, "--output_dir", tmp_path / "out",
-                                                "--timeout", 2, "--limit", 1)
+    try:
+        result, harness_pid = run_evaluate_with_pid("--samples_file", samples, "--output_dir", tmp_path / "out",
+                                                    "--timeout", 2, "--limit", 1)
+    finally:
+        bystander.kill()
+        bystander.wait()
     assert result.returncode == 0, result.stderr[-3000:]
     scores, rows = results(tmp_path / "out")
     outcomes = {name: row for name, row in zip(hostile, rows)}
@@ -167,6 +196,10 @@ def test_hostile_programs_fail_and_harm_nothing(tmp_path):
     assert outcomes["infinite loop"]["result"].startswith("timed out")
     assert outcomes["exit before the asserts"]["result"] == "exited before the end of the tests"
     assert canary.read_text() == "still here"
+    assert marker not in (tmp_path / "out" / "humaneval_samples.jsonl").read_text()  # the secret never lands in the results
+    for spy in ("read other processes' command lines", "read other processes' environments"):
+        assert outcomes[spy]["result"] == "AssertionError: nothing found", outcomes[spy]["result"]  # it looked, saw nothing
+    assert not os.path.exists("/dev/shm/codeup-hostile")
     assert not list(tmp_path.rglob("big.bin"))  # temp dirs are gone
     if isolation() == "namespaces":  # every process of the sandbox uids is gone (the kernel reaps them)
         deadline = time.time() + 10

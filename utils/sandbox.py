@@ -7,12 +7,16 @@ than programs), an environment with nothing inherited (no secrets), stdin closed
 captured into capped files, and its whole process group killed at the end.
 
 When the harness runs as root, the program never does: it runs under a uid of its own from a
-reserved range (one per worker slot, see `sandbox_uid`) inside new PID, network and mount
+reserved range (one per worker slot, see `sandbox_uid`; each harness holds a block of uids of its
+own, claimed in a root-only registry, see `uid_block`) inside new PID, network and mount
 namespaces, so it sees no network, cannot signal the harness, every process it started dies with
-it, it sees the whole file system read-only but for its own folder, and the process limit (which
-the kernel counts per uid) is its own: a fork bomb in one worker cannot starve the programs of the
-others. As another user, bubblewrap (`bwrap`) gives the same namespaces plus a read-only view of
-the file system when it is installed.
+it, it sees the whole file system read-only but for its own folder, a /proc of its own (its own
+processes only: never another program's command line or environment), and the process limit
+(which the kernel counts per uid) is its own: a fork bomb in one worker cannot starve the programs
+of the others. A mount that cannot be made read-only stops the program before it starts. As
+another user, bubblewrap (`bwrap`) gives the same namespaces, a fresh /proc and a read-only view
+of the file system when it is installed. Without either only rlimits are left, and evaluate.py
+refuses to run model code that way unless told to (--allow_unsandboxed).
 
 Programs are not started by the harness itself but by a launcher per worker slot: this file run as
 a small process of its own (see "The launcher" below), because forking the harness, which has
@@ -24,6 +28,7 @@ token to a file (`RESULT_FILE`) after the tests, so exiting 0 before the asserts
 
 import atexit
 import ctypes
+import fcntl
 import functools
 import json
 import os
@@ -34,6 +39,7 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -45,10 +51,14 @@ from pathlib import Path
 
 NOBODY_UID = NOBODY_GID = 65534
 RESULT_FILE = ".codeup_result"
-# Programs run as uids SANDBOX_UID_BASE + 256 * (harness pid % 4096) + slot, and their compilers as that
-# + 128 (at most 128 slots): no account uses them, and two evaluations running at once (different pids) get different uids.
+# Programs run as uids SANDBOX_UID_BASE + 256 * block + slot, and their compilers as that + 128 (at
+# most 128 slots): no account uses them. `block` is the harness's own: claimed in UID_REGISTRY (a
+# root-only folder; a file per block, locked by the harness that holds it, freed when it ends), so
+# two evaluations running at once never share a uid.
 SANDBOX_UID_BASE = 3_000_000
 SLOTS_PER_HARNESS = 128
+UID_BLOCKS = 4096
+UID_REGISTRY = Path("/run/codeup-sandbox-uids")
 # What programs may run: Debian's tools; never the venv's interpreter (it may live in root's home).
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -112,9 +122,9 @@ def check(result: int, what: str) -> None:
         raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-@functools.cache
 def mount_points() -> tuple[tuple[bytes, int], ...]:
-    """(mount point, its flags) of every mount, the ones a program must not write to."""
+    """(mount point, its flags) of every mount, the ones a program must not write to. Read in each
+    program's fresh mount namespace, so the list is never stale."""
     points = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
@@ -135,8 +145,15 @@ def make_file_system_read_only(writable: list[str], points: tuple) -> None:
         check(libc().mount(path.encode(), path.encode(), None, MS_BIND | MS_REC, None), f"bind {path}")
     keep = {path.encode() for path in writable}
     for point, flags in points:  # read before the binds above, which would be in the list
-        if point not in keep:
-            libc().mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
+        if point not in keep:  # one that fails stops the program: never less isolation than reported
+            check(libc().mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None),
+                  f"remount {point.decode(errors='replace')} read-only")
+
+
+def mount_fresh_proc() -> None:
+    """In the program's new PID and mount namespaces (as root): a /proc of that PID namespace over
+    the host's, so it lists the program's own processes only."""
+    check(libc().mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount a fresh /proc")
 
 
 _isolation_lock = threading.Lock()
@@ -168,14 +185,74 @@ def probe_isolation() -> str:
 def sandbox_uid(slot: int, compiler: bool = False) -> int:
     """The uid of worker slot `slot`: its own process budget, files and signals. Compilers run as
     another uid, so a program cannot tamper with the build cache its slot's later programs use."""
-    return (SANDBOX_UID_BASE + 2 * SLOTS_PER_HARNESS * (os.getpid() % 4096) + slot % SLOTS_PER_HARNESS
+    return (SANDBOX_UID_BASE + 2 * SLOTS_PER_HARNESS * uid_block() + slot % SLOTS_PER_HARNESS
             + (SLOTS_PER_HARNESS if compiler else 0))
 
 
-def harness_uids(pid: int | None = None) -> range:
-    """Every uid the sandbox of harness process `pid` (default: this one) may run programs as."""
-    first = SANDBOX_UID_BASE + 2 * SLOTS_PER_HARNESS * ((os.getpid() if pid is None else pid) % 4096)
+def block_uids(block: int) -> range:
+    first = SANDBOX_UID_BASE + 2 * SLOTS_PER_HARNESS * block
     return range(first, first + 2 * SLOTS_PER_HARNESS)
+
+
+def harness_uids(pid: int | None = None) -> range:
+    """Every uid the sandbox of harness process `pid` (default: this one) may run programs as (the
+    block it holds, or held last, in the registry; empty when it never claimed one)."""
+    if pid is None or pid == os.getpid():
+        return block_uids(uid_block())
+    try:
+        for entry in os.scandir(UID_REGISTRY):
+            with open(entry.path, "rb") as file:
+                if file.read().strip() == str(pid).encode():
+                    return block_uids(int(entry.name))
+    except OSError:
+        pass
+    return range(0)
+
+
+_uid_block: list = []
+_uid_block_lock = threading.Lock()
+
+
+def uid_block() -> int:
+    """This harness's block of uids, claimed once and held until the process ends."""
+    with _uid_block_lock:
+        if not _uid_block:
+            _uid_block.extend(claim_uid_block())
+        return _uid_block[0]
+
+
+def uid_registry() -> Path:
+    """UID_REGISTRY, made if missing; refused unless it is root's own folder that nobody else can
+    write to (another user could otherwise hold or fake blocks)."""
+    try:
+        os.mkdir(UID_REGISTRY, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(UID_REGISTRY)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o077:
+        raise OSError(f"{UID_REGISTRY} must be a folder of root's that only root can open (mode 700)")
+    return UID_REGISTRY
+
+
+def claim_uid_block() -> tuple[int, int]:
+    """(block, the descriptor that holds it): the first block whose file in the registry no other
+    process has locked. The lock (flock) stays while the descriptor is open, that is until this
+    process ends, however it ends: then the block is free for the next harness. The file records
+    the holder's pid (harness_uids reads it)."""
+    folder = uid_registry()
+    start = os.getpid() % UID_BLOCKS  # where the search starts; the lock decides
+    for offset in range(UID_BLOCKS):
+        block = (start + offset) % UID_BLOCKS
+        descriptor = os.open(folder / str(block), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            continue
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode())
+        return block, descriptor
+    raise OSError(f"all {UID_BLOCKS} blocks of sandbox uids are held by running harnesses")
 
 
 _slot_caches: dict = {}
@@ -394,7 +471,6 @@ def launcher(slot: int) -> Launcher:
 
 def serve() -> None:
     """The launcher's loop: one step at a time, until the harness closes its end (or dies)."""
-    mount_points()  # read once, here, outside every program's mount namespace
     libc()  # loaded once, not in every child
     if os.geteuid() == 0:
         own_pid_namespace()
@@ -497,11 +573,13 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
 
 def start_step(request: dict) -> None:
     """In the launcher's child: its own session, then (namespaces) new network and mount
-    namespaces with a read-only file system, then the limits and the slot's uid, then exec."""
+    namespaces with a read-only file system and a /proc of its own, then the limits and the slot's
+    uid, then exec. Any of these failing: the child ends (127) before the program starts."""
     os.setsid()  # its own process group, which the launcher kills at the end
     if request["namespaces"]:  # the network namespace holds only a loopback that is down
         check(libc().unshare(CLONE_NEWNET | CLONE_NEWNS), "unshare")
         make_file_system_read_only(request["writable"], mount_points())
+        mount_fresh_proc()
     os.chdir(request["cwd"])  # after the mounts: through the writable bind, not the folder beneath it
     for name, value in request["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
