@@ -27,7 +27,6 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from utils.attention import PER_EXAMPLE_SDPA, per_example_limits
 from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
 from utils.cli import parse_list, run_cli
-from utils.dropout import skip_lora_input_copies, use_fast_lora_dropout
 from utils.errors import CodeUpError
 from utils.files import read_json, read_jsonl
 from utils.loss import head_of, head_skipped, linear_cross_entropy
@@ -39,11 +38,10 @@ from utils.model_loading import (
     load_tokenizer,
     resolve_model_reference,
 )
-from utils.packed_weights import packed_frozen_linears, packed_weight_of
+from utils.packed_weights import packed_weight_of
 from utils.precision import enable_tf32, resolve_precision, torch_dtype
 from utils.prompter import Prompter, load_template, save_template_record
-from utils.rms_norm import use_fast_rms_norm
-from utils.rotary import fast_rotary_embeddings
+from utils.speedups import training_speedups
 from utils.tokenization import has_trainable_labels, tokenize_for_training
 
 CHECKPOINT_COMPLETE = "checkpoint_complete"  # written last into each checkpoint that is whole
@@ -84,6 +82,7 @@ def train(
     precision: str = "auto",
     gradient_checkpointing: bool | None = None,
     attn_implementation: str = "auto",
+    cpu_speedups: bool = True,
     # checkpoints and logging
     save_steps: int = 200,
     eval_steps: int = 200,
@@ -144,7 +143,12 @@ def train(
             lets 7B fit a 24 GB card), off otherwise.
         attn_implementation: auto (packed rows: attention over each example alone, with
             flash_attention_2 on a GPU when installed, else sdpa_per_example; padded batches:
-            sdpa), sdpa_per_example, sdpa, eager, flash_attention_2 or flex_attention.
+            sdpa; models with a sliding window, soft-capping or sinks: transformers' own),
+            sdpa_per_example, sdpa, eager, flash_attention_2 or flex_attention.
+        cpu_speedups: the training speed-ups (utils/speedups.py: per-example attention, the
+            chunked loss and, on a CPU, faster LoRA dropout, RMSNorm, rotary and packed frozen
+            weights; the same results). False: transformers' and PEFT's own code throughout. The
+            run prints one line saying which are on, which are off and why.
         save_steps: steps between checkpoints.
         eval_steps: steps between evaluations (when val_set_size > 0).
         logging_steps: steps between loss logs.
@@ -179,7 +183,8 @@ def train(
         gradient_checkpointing = bool(load_in_8bit or load_in_4bit)
     model_reference = resolve_model_reference(base_model)
     attn_implementation = choose_attention(attn_implementation, packing=packing, cuda=cuda, cutoff_len=cutoff_len,
-                                           config=transformers.AutoConfig.from_pretrained(model_reference))
+                                           config=transformers.AutoConfig.from_pretrained(model_reference),
+                                           speedups=cpu_speedups)
     check_target_modules(target_modules, linear_module_names(model_reference))
     # every data error surfaces here, before the model loads; chat: Alpaca, messages and ShareGPT
     # records (mixed, comma-separated files) in the base tokenizer's chat template
@@ -220,11 +225,8 @@ def train(
         save_template_record(output_dir, **template_record)
     # Before the completion marker, so a checkpoint marked whole always has its template.
     trainer.callback_handler.callbacks.insert(0, RecordPromptTemplate(template_record))
-    # On a CPU in bf16, the frozen matmuls run through weights packed once for oneDNN
-    # (utils/packed_weights.py: the same results, about 5% faster here), and rotary embeddings
-    # through a shorter backward (utils/rotary.py: the same bits, about 1%); both end with training.
-    # (The speed-ups that stay with the model's modules are put on in add_lora.)
-    with packed_frozen_linears(trainer.model, head=head_of(trainer.model)), fast_rotary_embeddings(trainer.model):
+    # The speed-ups (utils/speedups.py: the same results, faster) are on for the training loop alone.
+    with training_speedups(trainer, enabled=cpu_speedups, cutoff_len=cutoff_len):
         trainer.train(resume_from_checkpoint=checkpoint)
 
     # The adapter (adapter_model.safetensors + adapter_config.json) and tokenizer; process 0 only.
@@ -310,12 +312,14 @@ def check_optimizer(optim: str) -> None:
 ATTENTION_CHOICES = ("auto", PER_EXAMPLE_SDPA, "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
-def choose_attention(name: str, *, packing: bool, cuda: bool, config=None, cutoff_len: int = 256) -> str:
+def choose_attention(name: str, *, packing: bool, cuda: bool, config=None, cutoff_len: int = 256,
+                     speedups: bool = True) -> str:
     """The attention kernel. Packed rows need attention that keeps examples apart without a dense
     mask over the whole row: flash-attention 2 on a GPU (variable-length kernel) when installed,
     else SDPA on each example alone (utils/attention.py), except for a model (config) whose
     attention that would not compute (a sliding window, soft-capping, sinks: per_example_limits),
-    which keeps transformers' own (a mask over each packed row, from its position ids)."""
+    which keeps transformers' own (a mask over each packed row, from its position ids), as does
+    every model without the speed-ups (utils/speedups.py's line says which and why)."""
     if name not in ATTENTION_CHOICES:
         raise CodeUpError(f"--attn_implementation must be one of {', '.join(ATTENTION_CHOICES)}, not {name!r}")
     flash_installed = importlib.util.find_spec("flash_attn") is not None
@@ -329,10 +333,8 @@ def choose_attention(name: str, *, packing: bool, cuda: bool, config=None, cutof
     if cuda and flash_installed:
         return "flash_attention_2"
     if config is not None and (limit := per_example_limits(config, cutoff_len=cutoff_len)):
-        implementation, why = limit
-        logger.info(f"attention: transformers' {implementation}, not per-example SDPA: {why}")
-        return implementation
-    return PER_EXAMPLE_SDPA
+        return limit[0]
+    return PER_EXAMPLE_SDPA if speedups else "sdpa"
 
 
 def configure_reporting(*, report_to: str, wandb_project: str, wandb_watch: str, wandb_log_model: str) -> str:
@@ -477,13 +479,6 @@ def add_lora(model, *, quantized, lora_r, lora_alpha, lora_dropout, target_modul
         bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    # CPU speed-ups that live on the model's own modules, for good: the same dropout at a third of
-    # its cost, no float32 copy of each LoRA input under autocast (utils/dropout.py), and the frozen
-    # norms' backward by hand (utils/rms_norm.py). Those that change shared state (packed weight
-    # copies, a modeling module's rotary function) are scoped to the training loop, in train().
-    use_fast_lora_dropout(model)
-    skip_lora_input_copies(model)
-    use_fast_rms_norm(model)
     model.print_trainable_parameters()
     return model
 
@@ -579,12 +574,14 @@ class Trainer(transformers.Trainer):
     logits). Evaluation, and architectures whose logits are more than the head's output, keep
     transformers' own loss."""
 
+    chunked_loss = True  # utils/speedups.py turns it off with the other speed-ups
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         head = head_of(self.accelerator.unwrap_model(model))
         # A mixture of experts that adds its router's load-balancing loss (output_router_logits) gets it
         # from the model's own forward with labels: the chunked loss would drop it.
         router_loss = getattr(self.accelerator.unwrap_model(model).config, "output_router_logits", False)
-        if (return_outputs or head is None or "labels" not in inputs or self.label_smoother is not None
+        if (not self.chunked_loss or return_outputs or head is None or "labels" not in inputs or self.label_smoother is not None
                 or self.compute_loss_func is not None or self.args.n_gpu > 1 or router_loss):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)

@@ -44,6 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import finetune  # noqa: E402
 from utils import attention  # noqa: E402
+from utils.speedups import training_speedups  # noqa: E402
 from utils.precision import enable_tf32, resolve_precision, torch_dtype  # noqa: E402
 
 # The architecture fields of the published config.json files.
@@ -329,8 +330,9 @@ def main(argv=None):
                             else:
                                 trainer, clock = run_ours(base, data, **common)
                             with mock.patch.object(attention, "use_varlen_attention", return_value=False) \
-                                    if which == "finetune.py-per-example" else contextlib.nullcontext():
-                                trainer.train()
+                                    if which == "finetune.py-per-example" else contextlib.nullcontext(), \
+                                    contextlib.nullcontext() if which == "TRL" else training_speedups(trainer):
+                                trainer.train()  # finetune.py's speed-ups on, as finetune.train puts them
                         first = 1 if len(clock.durations) > 1 else 0
                         tokens_per_second = sum(clock.tokens[first:]) / sum(clock.durations[first:])
                         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "-"

@@ -13,8 +13,7 @@ from packaging.version import Version
 from conftest import ROOT
 
 from utils import source_code
-from utils.rms_norm import use_fast_rms_norm
-from utils.rotary import fast_rotary_embeddings, untested_rotary
+from utils.rotary import untested_rotary
 
 
 def lock_pins() -> dict:
@@ -83,18 +82,24 @@ def test_on_the_pinned_transformers_the_cpu_kernels_are_on():
 
 def test_on_any_transformers_the_kernels_are_on_exactly_where_tested(capsys):
     """Whatever transformers is installed: where its Llama code is tested the kernels go on (their
-    own tests check the bits), and elsewhere they stay off and the run says so in one line."""
-    from transformers.models.llama import modeling_llama
+    own tests check the bits), and elsewhere they stay off and the run's one line says why."""
+    import types
 
-    norm = modeling_llama.LlamaRMSNorm(8)
-    with fast_rotary_embeddings(norm) as rotary_changed:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from utils.speedups import training_speedups
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).bfloat16().requires_grad_(False)
+    with training_speedups(types.SimpleNamespace(model=model, chunked_loss=True)) as on:
         pass
-    norm_changed = use_fast_rms_norm(norm)
-    said = capsys.readouterr().err
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("speed-ups:")]
     references = source_code.llama_references()
     rotary_tested = all(source_code.fingerprint(references[name]) in source_code.TESTED_CODE[name]
                         for name in ("apply_rotary_pos_emb", "rotate_half"))
     norm_tested = source_code.fingerprint(references["LlamaRMSNorm.forward"]) in source_code.TESTED_CODE["LlamaRMSNorm.forward"]
-    assert rotary_changed == int(rotary_tested) and norm_changed == int(norm_tested)
-    assert ("rotary embeddings: transformers' own" in said) != rotary_tested
-    assert ("RMSNorm: transformers' own" in said) != norm_tested
+    assert ("rotary embeddings" in on) == rotary_tested and ("RMSNorm" in on) == norm_tested
+    off = said[0].split("; off: ")[1]
+    assert ("rotary embeddings (transformers" in off) != rotary_tested
+    assert ("RMSNorm (transformers" in off) != norm_tested

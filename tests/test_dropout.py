@@ -76,15 +76,22 @@ def test_a_probability_that_rounds_to_zero_is_the_identity():
 
 
 @pytest.mark.parametrize("lora_dropout, kind", [(0.1, LoraDropout), (0.0, torch.nn.Identity)])
-def test_finetune_puts_it_on_every_lora_layer(tiny_llama_dir, lora_dropout, kind):
+def test_finetune_puts_it_on_every_lora_layer_while_it_trains(tiny_llama_dir, lora_dropout, kind):
+    import types
+
+    from utils.speedups import training_speedups
+
     tokenizer = load_tokenizer(str(tiny_llama_dir), padding_side="right")
     model = finetune.build_lora_model(
         base_model=str(tiny_llama_dir), tokenizer=tokenizer, load_in_8bit=False, load_in_4bit=False,
         dtype=torch.bfloat16, lora_r=4, lora_alpha=8, lora_dropout=lora_dropout, target_modules=["q_proj", "v_proj"])
     layers = [module for module in model.modules() if hasattr(module, "lora_dropout")]
     assert len(layers) == 2 * model.config.num_hidden_layers
-    for layer in layers:
-        assert type(layer.lora_dropout["default"]) is kind
+    with training_speedups(types.SimpleNamespace(model=model, chunked_loss=True)):
+        for layer in layers:
+            assert type(layer.lora_dropout["default"]) is kind
+    for layer in layers:  # PEFT's own again after training
+        assert type(layer.lora_dropout["default"]) is (torch.nn.Dropout if lora_dropout else torch.nn.Identity)
 
 
 def test_use_fast_lora_dropout_counts_what_it_changed():

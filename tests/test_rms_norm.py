@@ -65,9 +65,12 @@ def test_elsewhere_the_class_forward_runs(case):
     assert torch.equal(output, expected)
 
 
-def test_finetune_puts_it_on_every_norm(tiny_llama_dir):
+def test_finetune_puts_it_on_every_norm_while_it_trains(tiny_llama_dir):
+    import types
+
     import finetune
     from utils.model_loading import load_tokenizer
+    from utils.speedups import training_speedups
 
     tokenizer = load_tokenizer(str(tiny_llama_dir), padding_side="right")
     model = finetune.build_lora_model(
@@ -76,12 +79,16 @@ def test_finetune_puts_it_on_every_norm(tiny_llama_dir):
     norms = [module for module in model.modules() if type(module).__name__ == "LlamaRMSNorm"]
     assert len(norms) == 2 * model.config.num_hidden_layers + 1
     x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    assert all(RMSNormFunction.__name__ in norm(x).grad_fn.name() for norm in norms)
+    with training_speedups(types.SimpleNamespace(model=model, chunked_loss=True)):
+        assert all(RMSNormFunction.__name__ in norm(x).grad_fn.name() for norm in norms)
+    assert not any(RMSNormFunction.__name__ in norm(x).grad_fn.name() for norm in norms)  # the class's again
 
 
-def test_a_changed_llama_formula_keeps_every_norm_on_its_own_forward(monkeypatch, capsys):
+def test_a_changed_llama_formula_keeps_every_norm_on_its_own_forward(monkeypatch):
     """A transformers release that changes LlamaRMSNorm: Mistral's copy still reads as the old code,
-    but the kernel computes the old formula, so no norm gets it, and the run says why."""
+    but the kernel computes the old formula, so no norm gets it (utils/speedups.py's line says why)."""
+    from utils.rms_norm import untested_rms_norm
+
     from transformers.models.llama import modeling_llama
 
     def forward(self, hidden_states):  # another formula (no float32 upcast), as a new release might have it
@@ -91,9 +98,8 @@ def test_a_changed_llama_formula_keeps_every_norm_on_its_own_forward(monkeypatch
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
     mistral = transformers_norm("MistralRMSNorm", 16)
     assert use_fast_rms_norm(mistral) == 0 and "forward" not in vars(mistral)
-    said = capsys.readouterr().err.strip().splitlines()
-    assert said == [f"RMSNorm: transformers' own, not the CPU kernel: transformers {transformers_version()}'s Llama "
-                    "LlamaRMSNorm.forward is not the code it was tested against (utils/source_code.py, TESTED_CODE)"]
+    assert untested_rms_norm() == (f"transformers {transformers_version()}'s Llama LlamaRMSNorm.forward is not the "
+                                   "code it was tested against (utils/source_code.py, TESTED_CODE)")
 
 
 def transformers_version() -> str:

@@ -106,6 +106,19 @@ def use_fast_lora_dropout(model: torch.nn.Module) -> int:
     return swapped
 
 
+def restore_lora_dropout(model: torch.nn.Module) -> int:
+    """Undo use_fast_lora_dropout: nn.Dropout(p) again, in the mode each LoraDropout was in."""
+    restored = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for adapter, dropout in dropouts.items():
+                if type(dropout) is LoraDropout:
+                    dropouts[adapter] = torch.nn.Dropout(dropout.p).train(dropout.training)
+                    restored += 1
+    return restored
+
+
 def _cast_outside_autocast(x, dtype, *, layer):
     """PEFT's cast of a LoRA layer's input to the adapter's dtype, except on a CPU under autocast for
     a plain LoRA layer (no DoRA or other variant): there the LoRA matmuls run in autocast's dtype
@@ -130,3 +143,13 @@ def skip_lora_input_copies(model: torch.nn.Module) -> int:
             module._cast_input_dtype = functools.partial(_cast_outside_autocast, layer=weakref.proxy(module))
             changed += 1
     return changed
+
+
+def restore_lora_input_copies(model: torch.nn.Module) -> int:
+    """Undo skip_lora_input_copies: PEFT's own cast on every LoRA layer again."""
+    restored = 0
+    for module in model.modules():
+        if isinstance(vars(module).get("_cast_input_dtype"), functools.partial):
+            del module._cast_input_dtype
+            restored += 1
+    return restored

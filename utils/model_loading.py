@@ -85,7 +85,7 @@ def materialize_gguf(gguf_path: Path) -> Path:
     print(f"Converting {gguf_path.name} into a Hugging Face folder (once): {target}")
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, use_kernels=False)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the dequantized weights are plain float tensors
@@ -230,6 +230,10 @@ def load_model(
             quantization_config=quantization_config(load_in_8bit, load_in_4bit, dtype),
             device_map=device_map,
             attn_implementation=attn_implementation,
+            # transformers 5.25 with the `kernels` package swaps in layers fetched from the hub at load
+            # (code that is not pinned, and needs the network) and swaps them again at every
+            # model.train()/eval(), which also drops this project's own CPU kernels (utils/speedups.py).
+            use_kernels=False,
         )
     except OSError as error:
         raise CodeUpError(f"cannot load model {base_model!r}: {error}") from error

@@ -10,7 +10,7 @@ gradient within bf16 rounding (the tests compare each class; measured, it was bi
 Forward + backward at 817 x 576 tokens on 2 cores: 1.9 against 2.9 ms, and a SmolLM2 micro-batch
 runs 61 norms. Elsewhere (a GPU, float32, a norm being trained) the module's own forward runs, and
 where the installed LlamaRMSNorm is not the code RMSNormFunction was tested against
-(utils/source_code.py) no norm is changed and the run says so in one line.
+(utils/source_code.py) no norm is changed (utils/speedups.py's line says so).
 """
 
 import functools
@@ -18,7 +18,6 @@ import weakref
 
 import torch
 
-from utils.logs import logger
 from utils.source_code import llama_references, same_code, untested_code
 
 
@@ -58,11 +57,26 @@ def is_llama_rms_norm(module: torch.nn.Module) -> bool:
     return same_code(type(module).forward, LlamaRMSNorm.forward)
 
 
+def untested_rms_norm() -> str | None:
+    """Why the installed LlamaRMSNorm is not the code RMSNormFunction was tested against, or None."""
+    return untested_code({"LlamaRMSNorm.forward": llama_references()["LlamaRMSNorm.forward"]})
+
+
+def restore_rms_norm(model: torch.nn.Module) -> int:
+    """Undo use_fast_rms_norm: every norm's own class forward again."""
+    restored = 0
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _rms_norm_forward:
+            del module.forward
+            restored += 1
+    return restored
+
+
 def use_fast_rms_norm(model: torch.nn.Module) -> int:
     """Every Llama-family RMSNorm of model computes through RMSNormFunction where it applies (see
     the module docstring); returns how many norms were changed."""
-    if reason := untested_code({"LlamaRMSNorm.forward": llama_references()["LlamaRMSNorm.forward"]}):
-        logger.info(f"RMSNorm: transformers' own, not the CPU kernel: {reason}")
+    if untested_rms_norm():
         return 0
     changed = 0
     for module in model.modules():

@@ -15,7 +15,7 @@ training loop), in each modeling module of the model whose apply_rotary_pos_emb 
 read as Llama's (Mistral, Mixtral, Qwen2/3 and their MoEs, StarCoder2, Gemma, Granite...; not
 Phi-3 or OLMo2, whose rotary differs). Off a CPU the original runs. Where the installed Llama
 functions are not the code RotaryFunction was tested against (utils/source_code.py), nothing is
-swapped and the run says so in one line.
+swapped (utils/speedups.py's line says so).
 """
 
 import contextlib
@@ -24,7 +24,6 @@ import sys
 
 import torch
 
-from utils.logs import logger
 from utils.source_code import llama_references, same_code, untested_code
 
 
@@ -93,8 +92,6 @@ def fast_rotary_embeddings(model: torch.nn.Module):
     RotaryFunction on a CPU (module docstring); outside, even after an error, its modeling modules
     are as they were. Yields the number of modules changed."""
     swapped = {}
-    if reason := untested_rotary():
-        logger.info(f"rotary embeddings: transformers' own, not the CPU kernel: {reason}")
     try:
         for module in llama_rotary_modules(model):
             swapped[module] = module.apply_rotary_pos_emb
