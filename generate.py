@@ -235,17 +235,24 @@ def main(
         print(generator.answer(str(instruction), str(input), **settings))
         return None
     if share_gradio:
-        from starlette.middleware import Middleware
-
-        # The same gate as serve()'s, in front of the app Gradio builds for the public link.
-        build_demo(generator, base_model=base_model, lora_weights=lora_weights).queue(max_size=max_queue).launch(
-            server_name=server_name, server_port=server_port, share=True,
-            app_kwargs={"middleware": [Middleware(KeyGate, api_key=key)]} if key else None)
+        launch_page(build_demo(generator, base_model=base_model, lora_weights=lora_weights).queue(max_size=max_queue),
+                    api_key=key, server_name=server_name, server_port=server_port, share=True)
         return None
     serve(generator, base_model=base_model, lora_weights=lora_weights, api_only=api_only, api_key=key,
           api_model_name=api_model_name, max_queue=max_queue, server_name=server_name, server_port=server_port,
           max_prompt_tokens=max_prompt_tokens)
     return None
+
+
+def launch_page(demo, *, api_key, server_name, server_port, share, **launch_options):
+    """The page on Gradio's own server (--share_gradio: its public link needs it), behind the same
+    KeyGate as serve()'s app: a middleware of the app Gradio builds. One path stays open: the one
+    launch() itself calls (without the key) to start the queue."""
+    from starlette.middleware import Middleware
+
+    gate = Middleware(KeyGate, api_key=api_key, open_paths=["/gradio_api/startup-events"])
+    return demo.launch(server_name=server_name, server_port=server_port, share=share,
+                       app_kwargs={"middleware": [gate]} if api_key else None, **launch_options)
 
 
 def resolve_api_key(*, api_key, api_key_file: str) -> str | None:

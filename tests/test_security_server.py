@@ -97,6 +97,36 @@ def test_v1_with_the_key_answers(keyed_page):
         openai.OpenAI(base_url=keyed_page["base"] + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_the_page_behind_a_share_link_has_the_same_gate(unused_tcp_port_or_free):
+    """--share_gradio serves the page from Gradio's own server (the public link cannot be opened
+    offline: the same launch without it), with the same gate in front."""
+    import generate
+
+    class NoModel:
+        chat = False
+
+    demo = generate.build_demo(NoModel(), base_model="no-model").queue()
+    generate.launch_page(demo, api_key=KEY, server_name="127.0.0.1", server_port=unused_tcp_port_or_free, share=False,
+                         prevent_thread_lock=True, quiet=True)
+    base = f"http://127.0.0.1:{unused_tcp_port_or_free}"
+    try:
+        assert httpx.get(base + "/config").status_code == 401
+        assert httpx.post(base + "/gradio_api/call/generate", json={"data": list(FORM)}).status_code == 401
+        assert 'type="password"' in httpx.get(base + "/", headers={"Accept": "text/html"}).text
+        assert httpx.get(base + "/config", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(base + "/gradio_api/startup-events").json() is False  # launch() started it; nothing else open
+        assert httpx.post(base + "/gradio_api/startup-events").status_code == 401
+    finally:
+        demo.close()
+
+
+@pytest.fixture
+def unused_tcp_port_or_free():
+    from conftest import free_port
+
+    return free_port()
+
+
 # ---- warnings and key sources, before any model loads (nothing listens beyond loopback) -----------
 
 def generate_until_the_model_loads(*args, env_extra=None):

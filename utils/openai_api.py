@@ -404,8 +404,10 @@ class KeyGate:
     (LOGIN_PATH) sets once the key is typed in. A browser without it gets the login page; anything
     else a 401 in OpenAI's error shape. Without a key it passes everything through."""
 
-    def __init__(self, app, *, api_key: str | None):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app, *, api_key: str | None, open_paths=()):
+        """open_paths: GET paths that need no key (launch_page's: the one Gradio's own launch()
+        calls on itself, which starts the queue once and answers true or false)."""
+        self.app, self.api_key, self.open_paths = app, api_key, frozenset(open_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or not self.api_key:
@@ -414,7 +416,7 @@ class KeyGate:
         path = scope.get("path", "")
         if scope["type"] == "http" and path == LOGIN_PATH:
             return await self.login(scope, receive, send)
-        if presents_key(headers, self.api_key):
+        if presents_key(headers, self.api_key) or (scope.get("method") == "GET" and path in self.open_paths):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
