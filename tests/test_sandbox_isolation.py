@@ -4,6 +4,7 @@ program, uids that two harnesses never share, and no model code without a sandbo
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,16 @@ def test_a_program_cannot_read_another_process_command_line_or_environment(bysta
     assert not spy.passed and "nothing found" in spy.message, spy.message
     assert bystander not in spy.message
     assert own.passed, own.message  # it does have a /proc: its own
+
+
+@pytest.mark.skipif(not shutil.which("bwrap"), reason="bubblewrap is not installed (apt-get install bubblewrap)")
+def test_bubblewrap_mode_also_gives_a_fresh_proc(bystander, monkeypatch):
+    monkeypatch.setattr(sandbox, "probe_isolation", lambda: "bubblewrap")  # as for a user who is not root
+    few_processes = ("import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+                     "assert len(pids) <= 3, pids  # bwrap's own init, the program\n")
+    spy, own = run_programs([search_proc(bystander), few_processes], workers=1, progress=False)
+    assert not spy.passed and "nothing found" in spy.message, spy.message
+    assert own.passed, own.message
 
 
 def test_the_search_would_find_the_marker_without_a_sandbox(bystander, tmp_path):
