@@ -28,7 +28,7 @@ import numpy as np
 
 from utils.logs import logger, progress_bars_wanted  # first: known-harmless library notices off; in a log file, no progress bars
 from utils.benchmarks import load_humaneval, load_mbpp
-from utils.cli import parse_list, run_cli
+from utils.cli import parse_list, resolve_api_key, run_cli
 from utils import multilingual
 from utils.errors import CodeUpError
 from utils.files import read_jsonl
@@ -173,7 +173,7 @@ def generate_samples_via_api(problems, *, api_base, api_model, api_key, concurre
 
     from utils.api_generation import ApiGenerator
 
-    generator = ApiGenerator(api_base=api_base, api_model=api_model, api_key=api_key or os.environ.get("CODEUP_API_KEY", ""),
+    generator = ApiGenerator(api_base=api_base, api_model=api_model, api_key=api_key or "",
                              prompt_template=prompt_template, lora_weights=lora_weights, concurrency=concurrency)
     requests = [(problem, index) for problem in problems for index in range(n_samples)]
     with tqdm(total=len(requests), desc=f"Generating via {api_base}", unit="sample") as bar:
@@ -319,6 +319,7 @@ def main(
     api_base: str = "",
     api_model: str = "",
     api_key: str = "",
+    api_key_file: str = "",
     api_concurrency: int = 4,
     allow_unsandboxed: bool = False,
 ):
@@ -354,7 +355,9 @@ def main(
             instead of loading a model; same prompts and sampling. --lora_weights then names the
             adapter the server serves, for its recorded prompt template only.
         api_model: the model name to ask the server for (default: the first it lists).
-        api_key: the server's key (default: the CODEUP_API_KEY environment variable).
+        api_key: the server's key (default: the CODEUP_API_KEY environment variable; on the
+            command line `ps` shows it to every user: prefer --api_key_file or the variable).
+        api_key_file: read the server's key from this file (one line).
         api_concurrency: requests in flight at once.
         allow_unsandboxed: run the programs even where the only isolation is resource limits (not
             root and no bubblewrap: they would run as you, with your files and the network).
@@ -381,7 +384,8 @@ def main(
         samples = read_samples(samples_file, problems, tasks)
         model = f"samples from {samples_file}"
     elif api_base:
-        samples, model = generate_samples_via_api(problems, api_base=api_base, api_model=api_model, api_key=api_key,
+        key = resolve_api_key(api_key=api_key, api_key_file=api_key_file, environment_variable="CODEUP_API_KEY")
+        samples, model = generate_samples_via_api(problems, api_base=api_base, api_model=api_model, api_key=key,
                                                   concurrency=api_concurrency, prompt_template=prompt_template,
                                                   lora_weights=lora_weights, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens)
     else:

@@ -19,14 +19,13 @@ that sets a cookie), its Gradio API and queue need the cookie or `Authorization:
 """
 
 import json
-import os
 from pathlib import Path
 
 from utils.logs import logger  # first: it silences known-harmless notices before the libraries print them
 
 import torch
 
-from utils.cli import run_cli
+from utils.cli import resolve_api_key, run_cli
 from utils.errors import CodeUpError
 from utils.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
 from utils.files import read_jsonl
@@ -224,7 +223,7 @@ def main(
     # A bad prompts file is reported before the model loads (minutes for a large one).
     records = read_prompts(Path(prompts_file)) if prompts_file else None
     scripted = bool(str(instruction).strip()) or bool(prompts_file)
-    key = None if scripted else resolve_api_key(api_key=api_key, api_key_file=api_key_file)
+    key = None if scripted else resolve_api_key(api_key=api_key, api_key_file=api_key_file, environment_variable=API_KEY_ENV)
     if not scripted:
         warn_about_exposure(key=key, server_name=server_name, server_port=server_port, share_gradio=share_gradio,
                             api_only=api_only)
@@ -253,28 +252,6 @@ def launch_page(demo, *, api_key, server_name, server_port, share, **launch_opti
     gate = Middleware(KeyGate, api_key=api_key, open_paths=["/gradio_api/startup-events"])
     return demo.launch(server_name=server_name, server_port=server_port, share=share,
                        app_kwargs={"middleware": [gate]} if api_key else None, **launch_options)
-
-
-def resolve_api_key(*, api_key, api_key_file: str) -> str | None:
-    """The server's key: --api_key_file, else --api_key, else CODEUP_API_KEY; None: no key."""
-    if api_key_file:
-        if api_key is not None:
-            raise CodeUpError("--api_key and --api_key_file: give one of them")
-        path = Path(str(api_key_file)).expanduser()
-        try:
-            lines = path.read_text(encoding="utf-8").strip().splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise CodeUpError(f"--api_key_file {path}: cannot read it ({getattr(error, 'strerror', None) or error})") from error
-        if len(lines) != 1 or not lines[0].strip():
-            raise CodeUpError(f"--api_key_file {path}: expected one line holding the key")
-        if path.stat().st_mode & 0o077:
-            logger.warning(f"--api_key_file {path}: other users of this machine can read it (chmod 600 {path})")
-        return lines[0].strip()
-    if api_key is not None and str(api_key):
-        logger.warning("--api_key on the command line: every user of this machine can read it (ps); "
-                       "prefer --api_key_file or the CODEUP_API_KEY environment variable")
-        return str(api_key)
-    return os.environ.get(API_KEY_ENV) or None
 
 
 def warn_about_exposure(*, key, server_name, server_port, share_gradio, api_only) -> None:

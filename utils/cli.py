@@ -59,3 +59,32 @@ def parse_list(value) -> list[str]:
     else:
         items = str(value).strip().removeprefix("[").removesuffix("]").split(",")
     return [str(item).strip().strip("'\"").strip() for item in items if str(item).strip().strip("'\"").strip()]
+
+
+def resolve_api_key(*, api_key, api_key_file, environment_variable: str) -> str | None:
+    """A key for an API (generate.py's server, evaluate.py's client): from --api_key_file (one
+    line), else --api_key (which `ps` shows to every user of the machine: a warning), else the
+    environment variable; None: no key. Both flags at once, or an unreadable or empty file: an error."""
+    from pathlib import Path
+
+    from utils.logs import logger
+
+    given = api_key not in (None, "")
+    if api_key_file:
+        if given:
+            raise CodeUpError("--api_key and --api_key_file: give one of them")
+        path = Path(str(api_key_file)).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise CodeUpError(f"--api_key_file {path}: cannot read it ({getattr(error, 'strerror', None) or error})") from error
+        if len(lines) != 1 or not lines[0].strip():
+            raise CodeUpError(f"--api_key_file {path}: expected one line holding the key")
+        if path.stat().st_mode & 0o077:
+            logger.warning(f"--api_key_file {path}: other users of this machine can read it (chmod 600 {path})")
+        return lines[0].strip()
+    if given:
+        logger.warning("--api_key on the command line: every user of this machine can read it (ps); "
+                       f"prefer --api_key_file or the {environment_variable} environment variable")
+        return str(api_key)
+    return os.environ.get(environment_variable) or None
