@@ -13,6 +13,14 @@ family of the named language, empty outputs and exact duplicates dropped, and re
 n-gram with a benchmark dropped (decontamination: HumanEval, plus MBPP, HumanEval-X and MultiPL-E
 files named with --decontaminate_with, in every language; `--decontaminate_with none` turns it off).
 
+`--check_syntax` (on in strict mode, off unless asked in codeup mode) parses each kept record's code
+(its fenced blocks, or the whole output when the output is code) as the record's language, with
+Python's `ast` or a tree-sitter grammar (utils/syntax.py; nothing is executed). A fragment passes when
+it parses in its usual context (a Java method in a class, statements in a function, PHP without
+`<?php`, ...), or as another language the instruction names or Guesslang reads in it; a syntax error
+drops the record (`syntax_error`, with the parser's first error). Prose answers, and code no parser
+here reads, are counted as unchecked and kept.
+
 Writes to --output_dir: codeup_{N}k.json for N thousand records kept (codeup_{N}.json below
 1,000; codeup_strict_... in strict mode), pl_raw.json,
 pl_clean.json, PL_Raw.png, PL_Clean.png, unknown_pl_data.json (every dropped record with its
@@ -33,6 +41,7 @@ from utils.benchmarks import benchmark_texts  # noqa: E402
 from utils.cli import parse_list, run_cli  # noqa: E402
 from utils.errors import CodeUpError  # noqa: E402
 from utils.files import read_json, read_jsonl  # noqa: E402
+from utils.syntax import check_answer  # noqa: E402
 
 DEFAULT_DATA_PATHS = "data/code_alpaca_20k.json,data/new_codealpaca.json"
 
@@ -78,7 +87,19 @@ LANGUAGE_FAMILIES = {
     "Perl": ["Perl"],
     "Rust": ["Rust"],
 }
-DROP_REASONS = ("malformed", "empty_output", "unknown_language", "language_mismatch", "duplicate", "contaminated")
+DROP_REASONS = (
+    "malformed", "empty_output", "unknown_language", "language_mismatch", "duplicate", "contaminated", "syntax_error",
+)
+# Guesslang's names -> the filter's languages: the syntax check also tries the language Guesslang
+# reads in the output (a "parse this JSON" answer is Python). HTML is left out: its grammar accepts
+# almost any text, so it would pass broken code.
+GUESSLANG_LANGUAGES = {
+    "JavaScript": "JavaScript", "Java": "Java", "Shell": "shell", "Python": "Python", "C": "C++/C",
+    "C++": "C++/C", "C#": "C#", "SQL": "SQL", "JSON": "JSON", "CSS": "CSS", "Swift": "Swift", "Ruby": "Ruby",
+    "PHP": "PHP", "Go": "Go", "Kotlin": "Kotlin", "R": "R", "Matlab": "MATLAB", "TypeScript": "TypeScript",
+    "Scala": "Scala", "Haskell": "Haskell", "Perl": "Perl", "Rust": "Rust",
+}
+SYNTAX_COUNTS = ("checked", "passed", "dropped", "unchecked")
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -185,11 +206,14 @@ def load_families(language_families) -> dict[str, set[str]]:
     return {language: set(names) for language, names in families.items()}
 
 
-def filter_records(entries, mode, guesser, families=None, contamination=None, ngram=13, top_k=3, batch_size=64):
+def filter_records(entries, mode, guesser, families=None, contamination=None, ngram=13, top_k=3, batch_size=64,
+                   check_syntax=False, syntax_counts=None):
     """Apply the rules of `mode` to (source, index, raw) entries.
 
     Returns the kept records (in input order), the dropped entries with their reasons, and the
-    language counts after the keyword pass (raw) and after filtering (clean).
+    language counts after the keyword pass (raw) and after filtering (clean). With `check_syntax`,
+    the syntax check runs last on the records every other rule kept, and `syntax_counts` (a dict)
+    receives checked/passed/dropped/unchecked per language.
     """
     strict = mode == "strict"
     dropped = []
@@ -205,7 +229,7 @@ def filter_records(entries, mode, guesser, families=None, contamination=None, ng
     raw_counts[OTHERS] += len(dropped)  # malformed records have no language either
 
     # One batched Guesslang pass over every text a rule needs.
-    needs_output = [strict or language is None for _, _, language in candidates]
+    needs_output = [strict or check_syntax or language is None for _, _, language in candidates]
     texts = {record["output"] for (_, record, _), needed in zip(candidates, needs_output) if needed}
     texts |= {record["input"] for _, record, language in candidates if language is None and record["input"].strip()}
     texts = sorted(texts)
@@ -225,6 +249,8 @@ def filter_records(entries, mode, guesser, families=None, contamination=None, ng
                 reason, detail = "unknown_language", f"Guesslang: output {output_language or 'not sure'}"
         if strict and reason is None:
             reason, detail = strict_reason(record, language, output_language, output_top, families, contamination, ngram, seen)
+        if check_syntax and reason is None:
+            reason, detail = syntax_reason(record, language, output_language, strict, syntax_counts)
         if reason:
             dropped.append(drop(source, index, raw, reason, detail))
         else:
@@ -257,6 +283,26 @@ def strict_reason(record, language, output_language, output_top, families, conta
     return None, ""
 
 
+def syntax_reason(record, language, output_language, strict, counts):
+    """("syntax_error", the parser's first error) when the record's code does not parse, else
+    (None, ""); counts the record under its language. Besides the record's language, the other
+    languages its instruction names and the one Guesslang reads in the output are tried: the
+    instruction's first keyword is not always the answer's language ("Parse this JSON in Python")."""
+    named = [name for keyword, name in (WORD_KEYWORDS if strict else KEYWORDS)
+             if (keyword.search(record["instruction"]) if strict else keyword in record["instruction"])]
+    candidates = dict.fromkeys([*named, GUESSLANG_LANGUAGES.get(output_language)])
+    also = tuple(name for name in candidates if name and name != language)
+    status, detail = check_answer(record["output"], language=language, also=also)
+    counts = {} if counts is None else counts
+    tally = counts.setdefault(language, dict.fromkeys(SYNTAX_COUNTS, 0))
+    if status == "unchecked":
+        tally["unchecked"] += 1
+        return None, ""
+    tally["checked"] += 1
+    tally["passed" if status == "passed" else "dropped"] += 1
+    return ("syntax_error", detail) if status == "failed" else (None, "")
+
+
 def drop(source, index, raw, reason, detail) -> dict:
     return {"source": source, "index": index, "reason": reason, "detail": detail, "record": raw}
 
@@ -266,6 +312,18 @@ def count_languages(languages) -> dict[str, int]:
     for language in languages:
         counts[language or OTHERS] += 1
     return counts
+
+
+def syntax_summary(counts: dict[str, dict[str, int]]) -> str:
+    """The syntax check's counts per language, one line each, for the run's summary."""
+    lines = ["Syntax check (checked: parsed; unchecked: prose, or no parser for its code):"]
+    for language, tally in counts.items():
+        lines.append(f"  {language:<10} checked {tally['checked']:>6,}  passed {tally['passed']:>6,}  "
+                     f"dropped {tally['dropped']:>5,}  unchecked {tally['unchecked']:>5,}")
+    total = {key: sum(tally[key] for tally in counts.values()) for key in SYNTAX_COUNTS}
+    lines.append(f"  {'total':<10} checked {total['checked']:>6,}  passed {total['passed']:>6,}  "
+                 f"dropped {total['dropped']:>5,}  unchecked {total['unchecked']:>5,}")
+    return "\n".join(lines)
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -330,6 +388,7 @@ def main(
     language_families=None,
     agreement_top_k: int = 3,
     batch_size: int = 64,
+    check_syntax=None,
 ):
     """Filter instruction records by programming language.
 
@@ -345,10 +404,17 @@ def main(
         agreement_top_k: strict mode: the output agrees with the instruction's language when a
             language of its family is among Guesslang's top k guesses (1: Guesslang's answer only).
         batch_size: texts per Guesslang call.
+        check_syntax: parse each kept record's code as its language and drop those with a syntax
+            error (reason syntax_error, with the parser's first error); prose is kept. Default: on
+            in strict mode, off in codeup mode (--check_syntax turns it on, --nocheck_syntax off).
     """
     started = time.time()
     if mode not in ("codeup", "strict"):
         raise CodeUpError(f"--mode must be codeup or strict, not {mode!r}")
+    if check_syntax is None:
+        check_syntax = mode == "strict"
+    if not isinstance(check_syntax, bool):
+        raise CodeUpError(f"--check_syntax takes True or False (or --nocheck_syntax), not {check_syntax!r}")
     paths = parse_paths(data_paths)
     families = load_families(language_families) if mode == "strict" else None
     # Everything that can fail on bad input happens before the first output is written.
@@ -362,8 +428,10 @@ def main(
 
     from utils.language_detection import Guesslang
 
+    syntax_counts = {}
     kept, dropped, raw_counts, clean_counts = filter_records(
-        entries, mode, Guesslang(), families, contamination, ngram, agreement_top_k, batch_size
+        entries, mode, Guesslang(), families, contamination, ngram, agreement_top_k, batch_size,
+        check_syntax=check_syntax, syntax_counts=syntax_counts,
     )
     assert len(kept) + len(dropped) == len(entries)  # nothing is lost
 
@@ -374,7 +442,9 @@ def main(
     data_file = f"{prefix}_{count_label(len(kept))}.json"
     report = {
         "mode": mode, "inputs": inputs, "read": len(entries), "kept": len(kept), "dropped": len(dropped),
-        "dropped_by_reason": dropped_by_reason, "output": data_file,
+        "dropped_by_reason": dropped_by_reason, "output": data_file, "check_syntax": check_syntax,
+        "syntax": {language: syntax_counts[language] for language in LANGUAGES if language in syntax_counts}
+        if check_syntax else None,
         "elapsed_seconds": round(time.time() - started, 2),
     }
     write_outputs(Path(output_dir), {
@@ -388,6 +458,8 @@ def main(
     })
     print(f"Kept {len(kept):,}, dropped {len(dropped):,} "
           f"({', '.join(f'{r} {n:,}' for r, n in dropped_by_reason.items() if n)}) in {report['elapsed_seconds']} s")
+    if check_syntax:
+        print(syntax_summary(report["syntax"]))
     print(f"Wrote {Path(output_dir) / data_file} and the counts, charts and report beside it")
 
 

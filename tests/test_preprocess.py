@@ -136,7 +136,7 @@ def test_strict_mode_drops_each_planted_problem_with_its_reason(strict_run):
     assert reasons == {1: "duplicate", 2: "contaminated", 3: "contaminated", 4: "empty_output", 5: "language_mismatch"}
     assert report["dropped_by_reason"] == {
         "malformed": 0, "empty_output": 1, "unknown_language": 0, "language_mismatch": 1,
-        "duplicate": 1, "contaminated": 2,
+        "duplicate": 1, "contaminated": 2, "syntax_error": 0,  # strict checks syntax: every planted answer parses
     }
     kept = read_json(strict_run / "codeup_strict_3.json")
     assert [r["instruction"][:5] for r in kept] == ["Write", "Good ", "Write"]
