@@ -258,9 +258,8 @@ class OpenAIServer:
                     loop.call_soon_threadsafe(queue.put_nowait, item)
                     if cancel.is_set():
                         break
-                else:
-                    if cancel.is_set():  # cancelled while waiting for the lock: nothing generated
-                        loop.call_soon_threadsafe(queue.put_nowait, None)
+                if cancel.is_set():  # cancelled (the client left): the end, for whoever still waits for it
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
             except Exception as error:
                 loop.call_soon_threadsafe(queue.put_nowait, error)
             finally:
