@@ -37,7 +37,8 @@ done
 
 # What evaluate.py's multilingual tasks compile and run with, and what their tests use (found in the
 # benchmarks' own harnesses): boost/any.hpp and openssl/md5.h (HumanEval-X C++), javatuples (Java),
-# testify and goimports (Go), the rand/regex/md5 crates (Rust), Test::Deep (Perl), js-md5 (JavaScript).
+# testify and goimports (Go), the rand/regex/md5 crates (Rust), Test::Deep (Perl), js-md5 (JavaScript);
+# and bubblewrap, the sandbox of a user who is not root (utils/sandbox.py).
 # Each line: what must be there (a command or a file), and the Debian package that provides it.
 # Debian splits a crate's features into packages of their own: regex's default features (which pull
 # in aho-corasick and memchr) are librust-regex+default-dev, only Recommended by librust-regex-dev,
@@ -59,7 +60,8 @@ goimports golang-golang-x-tools
 /usr/share/doc/librust-regex+default-dev librust-regex+default-dev
 /usr/share/doc/librust-md5-dev librust-md5-dev
 /usr/share/perl5/Test/Deep.pm libtest-deep-perl
-php php-cli"
+php php-cli
+bwrap bubblewrap"
 if [[ $TOOLCHAINS == 1 ]]; then
   start=$SECONDS
   missing=()
