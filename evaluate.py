@@ -8,8 +8,8 @@
 
 The steps: load the problems, ask the model (the instruction template, batched generation) for
 n_samples answers per problem, pull the code out of each answer, build each program with the
-problem's tests under the benchmark's own convention (utils/multilingual.py for the other
-languages), compile and run it in the sandbox (utils/sandbox.py), and estimate pass@k with the
+problem's tests under the benchmark's own convention (utils/eval/multilingual.py for the other
+languages), compile and run it in the sandbox (utils/eval/sandbox.py), and estimate pass@k with the
 Codex paper's unbiased estimator. Writes {output_dir}/{task}_samples.jsonl and {task}_results.json
 per task, and for the multilingual tasks a bar chart of pass@1 by language (pass_at_1.png).
 Where the machine has no sandbox (not root, and no bubblewrap: resource limits only), it refuses
@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from utils.logs import logger, progress_bars_wanted  # first: known-harmless library notices off; in a log file, no progress bars
-from utils.benchmarks import load_humaneval, load_mbpp
+from utils.eval.benchmarks import load_humaneval, load_mbpp
 from utils.cli import parse_list, resolve_api_key, run_cli
-from utils import multilingual
+from utils.eval import multilingual
 from utils.errors import CodeUpError
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
-from utils.sandbox import Limits, isolation, run_programs
+from utils.eval.sandbox import Limits, isolation, run_programs
 
 MBPP_TEST_IDS = range(11, 511)  # the standard test split
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with the whole function in a "
@@ -147,7 +147,7 @@ def generate_samples(problems, base_model, lora_weights, prompt_template, n_samp
     """n_samples responses per problem from the model, batched."""
     from tqdm.auto import tqdm
 
-    from utils.generation import Generator
+    from utils.serve.generation import Generator
 
     generator = Generator(base_model, lora_weights or None, load_8bit, prompt_template)
     requests = [problem for problem in problems for _ in range(n_samples)]
@@ -171,7 +171,7 @@ def generate_samples_via_api(problems, *, api_base, api_model, api_key, concurre
     and model answered)."""
     from tqdm.auto import tqdm
 
-    from utils.api_generation import ApiGenerator
+    from utils.eval.api_generation import ApiGenerator
 
     generator = ApiGenerator(api_base=api_base, api_model=api_model, api_key=api_key or "",
                              prompt_template=prompt_template, lora_weights=lora_weights, concurrency=concurrency)

@@ -24,12 +24,12 @@ import torch.distributed as dist
 import transformers
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-from utils.attention import PER_EXAMPLE_SDPA, per_example_limits
+from utils.train.attention import PER_EXAMPLE_SDPA, per_example_limits
 from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
 from utils.files import read_json, read_jsonl
-from utils.loss import head_of, head_skipped, linear_cross_entropy
+from utils.train.loss import head_of, head_skipped, linear_cross_entropy
 from utils.model_loading import (
     DEFAULT_BASE_MODEL,
     fit_model_to_tokenizer,
@@ -38,10 +38,10 @@ from utils.model_loading import (
     load_tokenizer,
     resolve_model_reference,
 )
-from utils.packed_weights import packed_weight_of
+from utils.train.speedups.packed_weights import packed_weight_of
 from utils.precision import enable_tf32, resolve_precision, torch_dtype
 from utils.prompter import Prompter, load_template, save_template_record
-from utils.speedups import training_speedups
+from utils.train.speedups import training_speedups
 from utils.tokenization import has_trainable_labels, tokenize_for_training
 
 CHECKPOINT_COMPLETE = "checkpoint_complete"  # written last into each checkpoint that is whole
@@ -145,7 +145,7 @@ def train(
             flash_attention_2 on a GPU when installed, else sdpa_per_example; padded batches:
             sdpa; models with a sliding window, soft-capping or sinks: transformers' own),
             sdpa_per_example, sdpa, eager, flash_attention_2 or flex_attention.
-        cpu_speedups: the training speed-ups (utils/speedups.py: per-example attention, the
+        cpu_speedups: the training speed-ups (utils/train/speedups/: per-example attention, the
             chunked loss and, on a CPU, faster LoRA dropout, RMSNorm, rotary and packed frozen
             weights; the same results). False: transformers' and PEFT's own code throughout. The
             run prints one line saying which are on, which are off and why.
@@ -225,7 +225,7 @@ def train(
         save_template_record(output_dir, **template_record)
     # Before the completion marker, so a checkpoint marked whole always has its template.
     trainer.callback_handler.callbacks.insert(0, RecordPromptTemplate(template_record))
-    # The speed-ups (utils/speedups.py: the same results, faster) are on for the training loop alone.
+    # The speed-ups (utils/train/speedups/: the same results, faster) are on for the training loop alone.
     with training_speedups(trainer, enabled=cpu_speedups, cutoff_len=cutoff_len):
         trainer.train(resume_from_checkpoint=checkpoint)
 
@@ -316,10 +316,10 @@ def choose_attention(name: str, *, packing: bool, cuda: bool, config=None, cutof
                      speedups: bool = True) -> str:
     """The attention kernel. Packed rows need attention that keeps examples apart without a dense
     mask over the whole row: flash-attention 2 on a GPU (variable-length kernel) when installed,
-    else SDPA on each example alone (utils/attention.py), except for a model (config) whose
+    else SDPA on each example alone (utils/train/attention.py), except for a model (config) whose
     attention that would not compute (a sliding window, soft-capping, sinks: per_example_limits),
     which keeps transformers' own (a mask over each packed row, from its position ids), as does
-    every model without the speed-ups (utils/speedups.py's line says which and why)."""
+    every model without the speed-ups (utils/train/speedups/'s line says which and why)."""
     if name not in ATTENTION_CHOICES:
         raise CodeUpError(f"--attn_implementation must be one of {', '.join(ATTENTION_CHOICES)}, not {name!r}")
     flash_installed = importlib.util.find_spec("flash_attn") is not None
@@ -570,11 +570,11 @@ def build_trainer(*, model, args, tokenizer, train_data, val_data, packing, earl
 
 class Trainer(transformers.Trainer):
     """transformers' Trainer, with the training loss computed without the full logits
-    (utils/loss.py: the same loss, a fraction of the memory; tokens without a label get no
+    (utils/train/loss.py: the same loss, a fraction of the memory; tokens without a label get no
     logits). Evaluation, and architectures whose logits are more than the head's output, keep
     transformers' own loss."""
 
-    chunked_loss = True  # utils/speedups.py turns it off with the other speed-ups
+    chunked_loss = True  # utils/train/speedups/ turns it off with the other speed-ups
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         head = head_of(self.accelerator.unwrap_model(model))

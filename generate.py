@@ -7,13 +7,13 @@
     python generate.py --api_key_file ~/.codeup-key      # page + API, both asking for the key
     python generate.py --api_only --api_key_file KEYFILE # only the OpenAI-compatible API (/v1/...)
 
-The page and the OpenAI-compatible API (utils/openai_api.py: /v1/models, /v1/chat/completions,
-/v1/completions) share one port, one model and one queue. One Generator (utils/generation.py) serves all: it builds the prompt from the template,
+The page and the OpenAI-compatible API (utils/serve/openai_api.py: /v1/models, /v1/chat/completions,
+/v1/completions) share one port, one model and one queue. One Generator (utils/serve/generation.py) serves all: it builds the prompt from the template,
 generates (greedy when temperature is 0; streamed with transformers' TextIteratorStreamer), stops
 at EOS or where the model starts a new template section, and returns only the response.
 
 With a key (--api_key_file, CODEUP_API_KEY or --api_key) one check guards every route of the port
-(utils/openai_api.py's KeyGate): the page asks for the key before anything loads (a login form
+(utils/serve/openai_api.py's KeyGate): the page asks for the key before anything loads (a login form
 that sets a cookie), its Gradio API and queue need the cookie or `Authorization: Bearer KEY`
 (gradio_client: `Client(url, headers={"Authorization": "Bearer KEY"})`), and /v1 the bearer header.
 """
@@ -27,10 +27,10 @@ import torch
 
 from utils.cli import resolve_api_key, run_cli
 from utils.errors import CodeUpError
-from utils.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
+from utils.serve.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
-from utils.openai_api import API_KEY_ENV, KeyGate
+from utils.serve.openai_api import API_KEY_ENV, KeyGate
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 EMPTY_INSTRUCTION = "Please enter an instruction."
@@ -283,7 +283,7 @@ def serve(generator, *, base_model, lora_weights, api_only, api_key, api_model_n
     all behind one KeyGate (with a key: every route needs it)."""
     import uvicorn
 
-    from utils.openai_api import OpenAIServer, build_app
+    from utils.serve.openai_api import OpenAIServer, build_app
 
     name = api_model_name or served_model_name(base_model, lora_weights)
     app = build_app(OpenAIServer(generator, name, api_key=api_key, max_queue=max_queue,

@@ -83,7 +83,7 @@ if [[ $EVAL_TASK2 != none ]]; then
     skip "$WORK_DIR/eval holds $EVAL_TASK2 results"
   elif why=$($PY -c "
 import sys
-from utils import multilingual as m
+from utils.eval import multilingual as m
 task, folder = sys.argv[1], sys.argv[2]
 if task not in m.TASKS: sys.exit(f'{task} is not a HumanEval-X / MultiPL-E task')
 if not m.default_problems_file(task, folder).is_file(): sys.exit(f'{m.default_problems_file(task, folder)} is missing (get it with: $PY data/download.py --only_benchmarks)')

@@ -38,11 +38,11 @@ done
 # What evaluate.py's multilingual tasks compile and run with, and what their tests use (found in the
 # benchmarks' own harnesses): boost/any.hpp and openssl/md5.h (HumanEval-X C++), javatuples (Java),
 # testify and goimports (Go), the rand/regex/md5 crates (Rust), Test::Deep (Perl), js-md5 (JavaScript);
-# and bubblewrap, the sandbox of a user who is not root (utils/sandbox.py).
+# and bubblewrap, the sandbox of a user who is not root (utils/eval/sandbox.py).
 # Each line: what must be there (a command or a file), and the Debian package that provides it.
 # Debian splits a crate's features into packages of their own: regex's default features (which pull
 # in aho-corasick and memchr) are librust-regex+default-dev, only Recommended by librust-regex-dev,
-# and installs here skip recommendations. utils/multilingual.py names the same packages.
+# and installs here skip recommendations. utils/eval/multilingual.py names the same packages.
 TOOLCHAIN_NEEDS="g++ g++
 /usr/include/boost/any.hpp libboost-dev
 /usr/include/openssl/md5.h libssl-dev
@@ -199,6 +199,6 @@ fi
 if [[ $TOOLCHAINS == 1 ]]; then
   # The crates HumanEval-X's Rust tests use, built offline from Debian's sources as evaluate.py
   # builds them (and kept for it): this fails here, not in the middle of an evaluation.
-  "$VENV/bin/python" -c 'from utils.multilingual import rust_crates; rust_crates()' \
+  "$VENV/bin/python" -c 'from utils.eval.multilingual import rust_crates; rust_crates()' \
     && echo "setup: the rand, regex and md5 crates build offline (HumanEval-X Rust)"
 fi

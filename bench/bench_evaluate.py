@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 import fire  # noqa: E402
 
 import evaluate  # noqa: E402
-from utils.benchmarks import load_humaneval  # noqa: E402
-from utils import multilingual  # noqa: E402
-from utils.sandbox import RESULT_FILE, SANDBOX_PATH, Limits, isolation, run_programs  # noqa: E402
+from utils.eval.benchmarks import load_humaneval  # noqa: E402
+from utils.eval import multilingual  # noqa: E402
+from utils.eval.sandbox import RESULT_FILE, SANDBOX_PATH, Limits, isolation, run_programs  # noqa: E402
 
 
 def ours(problems, workers):

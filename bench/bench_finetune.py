@@ -66,7 +66,7 @@ class TokenCounter:
         model.register_forward_pre_hook(self.count, with_kwargs=True)
 
     def count(self, module, args, kwargs):
-        from utils.attention import example_spans
+        from utils.train.attention import example_spans
 
         if not module.training:
             return

@@ -26,7 +26,7 @@ import fire  # noqa: E402
 import torch  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
-from utils.generation import Generator  # noqa: E402
+from utils.serve.generation import Generator  # noqa: E402
 
 INSTRUCTION = "Write a Python class for a bank account with deposit, withdraw and balance methods, and explain it."
 BATCH_INSTRUCTIONS = [f"Write a Python function that returns the {n}th power of a number." for n in range(2, 34)]
@@ -121,7 +121,7 @@ def api_row(generator, max_new_tokens, repeats):
     import uvicorn
     from openai import OpenAI
 
-    from utils.openai_api import OpenAIServer, build_app
+    from utils.serve.openai_api import OpenAIServer, build_app
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -43,8 +43,8 @@ import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import finetune  # noqa: E402
-from utils import attention  # noqa: E402
-from utils.speedups import training_speedups  # noqa: E402
+from utils.train import attention  # noqa: E402
+from utils.train.speedups import training_speedups  # noqa: E402
 from utils.precision import enable_tf32, resolve_precision, torch_dtype  # noqa: E402
 
 # The architecture fields of the published config.json files.

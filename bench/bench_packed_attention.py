@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils import attention  # noqa: E402
+from utils.train import attention  # noqa: E402
 
 SHAPES = {"Llama-2-7B": (32, 32, 128), "Qwen2.5-Coder-7B": (28, 4, 128)}
 

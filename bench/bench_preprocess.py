@@ -21,7 +21,7 @@ import fire  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
 import preprocess  # noqa: E402
-from utils.language_detection import Guesslang  # noqa: E402
+from language_detection import Guesslang  # noqa: E402
 
 
 def main(data_dir: str = str(ROOT.parent / "shared" / "data"), batch_size: int = 64):

@@ -8,7 +8,7 @@ makes them); tests/test_memory_arithmetic.py checks it against the bytes a real 
 CPU. The rest is sizes: weights (8-bit: 1 byte a parameter; 4-bit NF4 with double quantization:
 about 0.53; embeddings and output head upcast to fp32 by prepare_model_for_kbit_training), LoRA
 weights + gradients + AdamW states (16 bytes a trainable parameter), and the loss: the logits of
-one chunk of tokens at a time (utils/loss.py), not of the whole micro-batch.
+one chunk of tokens at a time (utils/train/loss.py), not of the whole micro-batch.
 """
 
 GIB = 2**30
@@ -59,7 +59,7 @@ def training_memory(*, model=LLAMA_2_7B, bits, checkpointing, batch=16, seq_len=
         activations = layers * tokens * hidden * 4 + layer
     else:
         activations = layers * layer
-    # finetune.py's loss (utils/loss.py) holds the logits of one chunk of tokens at a time (fp32,
+    # finetune.py's loss (utils/train/loss.py) holds the logits of one chunk of tokens at a time (fp32,
     # the head's 16-bit output and the 16-bit gradient: 8 bytes an element), and the gradient of
     # the hidden states plus the float32 copy of them that mixed precision returns. transformers'
     # own loss would hold 2 * tokens * vocab * 4 (fp32 logits and their gradient) and more.

@@ -15,7 +15,7 @@ files named with --decontaminate_with, in every language; `--decontaminate_with 
 
 `--check_syntax` (on in strict mode, off unless asked in codeup mode) parses each kept record's code
 (its fenced blocks, or the whole output when the output is code) as the record's language, with
-Python's `ast` or a tree-sitter grammar (utils/syntax.py; nothing is executed). A fragment passes when
+Python's `ast` or a tree-sitter grammar (data/syntax.py; nothing is executed). A fragment passes when
 it parses in its usual context (a Java method in a class, statements in a function, PHP without
 `<?php`, ...), or as another language the instruction names or Guesslang reads in it; a syntax error
 drops the record (`syntax_error`, with the parser's first error). Prose answers, and code no parser
@@ -37,11 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.benchmarks import benchmark_texts  # noqa: E402
+from utils.eval.benchmarks import benchmark_texts  # noqa: E402
 from utils.cli import parse_list, run_cli  # noqa: E402
 from utils.errors import CodeUpError  # noqa: E402
 from utils.files import read_json, read_jsonl  # noqa: E402
-from utils.syntax import check_answer  # noqa: E402
+from syntax import check_answer  # noqa: E402
 
 DEFAULT_DATA_PATHS = "data/code_alpaca_20k.json,data/new_codealpaca.json"
 
@@ -426,7 +426,7 @@ def main(
     contamination = benchmark_ngrams(decontaminate_with, ngram) if mode == "strict" else None
     print(f"Read {len(entries):,} records from {len(paths)} file(s); mode {mode}")
 
-    from utils.language_detection import Guesslang
+    from language_detection import Guesslang
 
     syntax_counts = {}
     kept, dropped, raw_counts, clean_counts = filter_records(

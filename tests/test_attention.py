@@ -1,4 +1,4 @@
-"""utils/attention.py: the matmul attention that CPUs use for short examples equals SDPA's; the GPU
+"""utils/train/attention.py: the matmul attention that CPUs use for short examples equals SDPA's; the GPU
 paths for packed rows of mixed lengths (varlen, and SDPA without cuDNN)."""
 
 import contextlib
@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from utils import attention
+from utils.train import attention
 
 
 def attention_and_grads(attend, dtype, shape, kv_heads):

@@ -3,17 +3,14 @@ or an unreadable file is one `error:` line naming the file, exit 2, no traceback
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from utils.cli import run_cli
 from utils.errors import CodeUpError
 from utils.files import read_json, read_jsonl, read_text
 
-sys.path.insert(0, str(ROOT / "data"))
 
 RECORDS = [{"instruction": "Write a Python function that adds two numbers.", "input": "", "output": "def add(a, b):\n    return a + b"}]
 

@@ -1,13 +1,7 @@
 """bench/bench_gpu.py with tiny configs of the same model families, on a CPU."""
 
-import sys
-
 import pytest
 import torch
-
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 @pytest.mark.slow

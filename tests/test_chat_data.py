@@ -128,7 +128,7 @@ def test_finetune_chat_on_mixed_records_and_generate_uses_the_chat_template(base
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((output / "prompt_template.json").read_text()) == {"name": "chat", "template": None}
 
-    from utils.generation import Generator
+    from utils.serve.generation import Generator
 
     generator = Generator(base_model, str(output))
     assert generator.chat

@@ -12,8 +12,8 @@ from packaging.version import Version
 
 from conftest import ROOT
 
-from utils import source_code
-from utils.rotary import untested_rotary
+from utils.train.speedups import source_code
+from utils.train.speedups.rotary import untested_rotary
 
 
 def lock_pins() -> dict:
@@ -87,7 +87,7 @@ def test_on_any_transformers_the_kernels_are_on_exactly_where_tested(capsys):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from utils.speedups import training_speedups
+    from utils.train.speedups import training_speedups
 
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2)

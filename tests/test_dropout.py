@@ -1,10 +1,10 @@
-"""LoRA dropout (utils/dropout.py): the same dropout as nn.Dropout, and what finetune.py installs."""
+"""LoRA dropout (utils/train/speedups/dropout.py): the same dropout as nn.Dropout, and what finetune.py installs."""
 
 import pytest
 import torch
 
 import finetune
-from utils.dropout import LoraDropout, keep_factors, skip_lora_input_copies, use_fast_lora_dropout
+from utils.train.speedups.dropout import LoraDropout, keep_factors, skip_lora_input_copies, use_fast_lora_dropout
 from utils.model_loading import load_tokenizer
 
 
@@ -79,7 +79,7 @@ def test_a_probability_that_rounds_to_zero_is_the_identity():
 def test_finetune_puts_it_on_every_lora_layer_while_it_trains(tiny_llama_dir, lora_dropout, kind):
     import types
 
-    from utils.speedups import training_speedups
+    from utils.train.speedups import training_speedups
 
     tokenizer = load_tokenizer(str(tiny_llama_dir), padding_side="right")
     model = finetune.build_lora_model(

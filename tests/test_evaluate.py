@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT, SHARED_DATA
 
 import evaluate  # noqa: E402
-from utils.benchmarks import load_humaneval
-from utils.sandbox import harness_uids, isolation
+from utils.eval.benchmarks import load_humaneval
+from utils.eval.sandbox import harness_uids, isolation
 
 MBPP = SHARED_DATA / "mbpp.jsonl"
 
@@ -230,7 +230,7 @@ def test_a_killed_harness_leaves_no_program_behind():
     # notice, kill their programs and end.
     harness = subprocess.Popen([sys.executable, "-c", (
         "import sys; sys.path.insert(0, '.')\n"
-        "from utils.sandbox import Limits, run_programs\n"
+        "from utils.eval.sandbox import Limits, run_programs\n"
         "run_programs(['import time\\ntime.sleep(120)'] * 2, Limits(timeout=120), workers=2, progress=False)\n")],
         cwd=ROOT)
     try:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, SHARED_DATA
 
 import finetune  # noqa: E402
-from utils import attention
+from utils.train import attention
 from utils.errors import CodeUpError
 from utils.model_loading import load_tokenizer
 from utils.tokenization import IGNORE_INDEX

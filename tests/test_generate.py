@@ -221,7 +221,7 @@ def test_adapter_is_merged_in_memory_on_a_full_precision_base(tiny_llama_dir, tm
     from peft import PeftModel
 
     from test_export_adapters import PROBE_IDS, perturbed_adapter
-    from utils.generation import Generator
+    from utils.serve.generation import Generator
 
     unmerged = perturbed_adapter(tiny_llama_dir, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
     generator = Generator(str(tiny_llama_dir), str(tmp_path / "adapter"))
@@ -236,7 +236,7 @@ def test_adapter_is_merged_in_memory_on_a_full_precision_base(tiny_llama_dir, tm
 def test_adapter_stays_beside_an_8bit_base(tiny_llama_dir, tmp_path):
     from peft import PeftModel, get_peft_model, LoraConfig
 
-    from utils.generation import Generator
+    from utils.serve.generation import Generator
 
     model, _ = load_model_and_tokenizer(str(tiny_llama_dir))
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")

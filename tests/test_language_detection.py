@@ -1,6 +1,6 @@
 import pytest
 
-from utils.language_detection import Guesslang
+from language_detection import Guesslang
 
 SNIPPETS = {
     "Python": "import math\n\ndef circle_area(radius):\n    return math.pi * radius ** 2\n\nprint(circle_area(2.0))\n",

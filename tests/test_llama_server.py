@@ -39,7 +39,7 @@ def fake_server(requests, refuse=()):
 
 
 def test_requests_ask_for_the_local_greedy_sampling():
-    from utils.api_generation import ApiGenerator
+    from utils.eval.api_generation import ApiGenerator
 
     requests = []
     generator = ApiGenerator(api_base="http://fake/v1", http_client=fake_server(requests))
@@ -55,7 +55,7 @@ def test_requests_ask_for_the_local_greedy_sampling():
 
 
 def test_a_server_that_refuses_the_extra_settings_is_asked_without_them(capsys):
-    from utils.api_generation import ApiGenerator
+    from utils.eval.api_generation import ApiGenerator
 
     requests = []
     generator = ApiGenerator(api_base="http://fake/v1", http_client=fake_server(requests, refuse=("repeat_penalty",)))
@@ -68,7 +68,7 @@ def test_a_server_that_refuses_the_extra_settings_is_asked_without_them(capsys):
 
 def test_a_chat_tuned_adapter_is_asked_through_the_chat_endpoint(tmp_path):
     """--lora_weights with --api_base: the adapter the server serves; its record picks the prompt."""
-    from utils.api_generation import ApiGenerator
+    from utils.eval.api_generation import ApiGenerator
     from utils.prompter import TEMPLATE_RECORD
 
     (tmp_path / TEMPLATE_RECORD).write_text(json.dumps({"name": "chat", "template": None}))

@@ -1,4 +1,4 @@
-"""The chunked training loss (utils/loss.py) computes transformers' loss and its gradients exactly."""
+"""The chunked training loss (utils/train/loss.py) computes transformers' loss and its gradients exactly."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import transformers
 from conftest import build_tiny_llama  # noqa: F401  (the fixture module)
 import finetune
 from test_finetune import data_file, lora_model, tokenize  # noqa: F401  (fixture)
-from utils import loss as chunked
+from utils.train import loss as chunked
 from utils.model_loading import load_tokenizer
 
 

@@ -1,13 +1,7 @@
 """README's memory arithmetic (bench/memory_arithmetic.py) against the bytes a real decoder layer saves."""
 
-import sys
-
 import pytest
 import torch
-
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def measured_saved_bytes(*, hidden, intermediate, heads, kv_heads, batch, seq_len, lora_r, lora_targets, lora_dropout):

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import finetune
-from utils.attention import PER_EXAMPLE_SDPA, per_example_limits
+from utils.train.attention import PER_EXAMPLE_SDPA, per_example_limits
 
 LENGTHS = (7, 5, 9)  # the examples of one packed row; the longest is longer than the windows below
 

@@ -19,9 +19,9 @@ import pytest
 from conftest import ROOT, SHARED_DATA
 
 import evaluate  # noqa: E402
-from utils import multilingual
+from utils.eval import multilingual
 from utils.errors import CodeUpError
-from utils.sandbox import harness_uids, isolation, run_programs
+from utils.eval.sandbox import harness_uids, isolation, run_programs
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "humaneval-x").is_dir() or not (SHARED_DATA / "multipl-e").is_dir(),
                                 reason="../shared/data/humaneval-x and multipl-e are not here")

@@ -1,4 +1,4 @@
-"""Frozen bf16 matmuls through oneDNN-packed weights (utils/packed_weights.py) compute what the
+"""Frozen bf16 matmuls through oneDNN-packed weights (utils/train/speedups/packed_weights.py) compute what the
 plain ones do, only where they apply, and leave the model as it was."""
 
 import pytest
@@ -8,9 +8,9 @@ import transformers
 import finetune
 from conftest import build_tiny_llama  # noqa: F401  (the fixture module)
 from test_finetune import data_file, tiny_flags  # noqa: F401  (fixture)
-from utils import loss as chunked
-from utils import packed_weights
-from utils.packed_weights import packed_frozen_linears, packed_weight_of
+from utils.train import loss as chunked
+from utils.train.speedups import packed_weights
+from utils.train.speedups.packed_weights import packed_frozen_linears, packed_weight_of
 
 pytestmark = pytest.mark.skipif(not packed_weights.packing_supported(torch.empty(1, 1, dtype=torch.bfloat16)),
                                 reason="this CPU's oneDNN has no bf16")

@@ -8,8 +8,7 @@ import pytest
 
 from conftest import ROOT, SHARED_DATA
 
-sys.path.insert(0, str(ROOT / "data"))
-import preprocess  # noqa: E402
+import preprocess
 
 CODE_ALPACA = SHARED_DATA / "code_alpaca_20k.json"
 NEW_CODEALPACA = SHARED_DATA / "new_codealpaca.json"
@@ -107,7 +106,7 @@ def test_kept_records_keep_the_input_order(codeup_run):
 @pytest.fixture(scope="module")
 def strict_run(tmp_path_factory):
     """Strict mode on records written for this test, with one planted HumanEval prompt."""
-    from utils.benchmarks import load_humaneval
+    from utils.eval.benchmarks import load_humaneval
 
     folder = tmp_path_factory.mktemp("strict")
     humaneval_prompt = load_humaneval()[0]["prompt"]
@@ -217,7 +216,7 @@ def test_named_benchmarks_add_to_humaneval_and_none_turns_it_off():
 
 @pytest.mark.skipif(not (SHARED_DATA / "multipl-e").is_dir(), reason="../shared/data is not here")
 def test_multilingual_benchmark_files_are_recognized_by_their_fields():
-    from utils.benchmarks import benchmark_texts
+    from utils.eval.benchmarks import benchmark_texts
 
     label, texts = benchmark_texts(str(SHARED_DATA / "humaneval-x" / "humaneval_cpp.jsonl"))
     assert label == "humaneval_cpp.jsonl (HumanEval-X, 164 problems)" and texts[0][0] == "CPP/0"
@@ -229,8 +228,8 @@ def test_multilingual_benchmark_files_are_recognized_by_their_fields():
 @pytest.fixture(scope="module")
 def multilingual_strict_runs(tmp_path_factory):
     """Strict mode with HumanEval-X C++ and all of MultiPL-E named; then with `none`."""
-    from utils.benchmarks import load_humaneval
-    from utils.multilingual import load_problems
+    from utils.eval.benchmarks import load_humaneval
+    from utils.eval.multilingual import load_problems
 
     folder = tmp_path_factory.mktemp("multilingual-strict")
     cpp_test = load_problems("humanevalx-cpp", str(SHARED_DATA / "humaneval-x" / "humaneval_cpp.jsonl"))[5]["tests"]

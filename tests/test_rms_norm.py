@@ -1,4 +1,4 @@
-"""The hand-written RMSNorm (utils/rms_norm.py) computes what each transformers class it replaces
+"""The hand-written RMSNorm (utils/train/speedups/rms_norm.py) computes what each transformers class it replaces
 computes, and only where it applies."""
 
 import importlib
@@ -6,8 +6,8 @@ import importlib
 import pytest
 import torch
 
-from utils import source_code
-from utils.rms_norm import RMSNormFunction, is_llama_rms_norm, use_fast_rms_norm
+from utils.train.speedups import source_code
+from utils.train.speedups.rms_norm import RMSNormFunction, is_llama_rms_norm, use_fast_rms_norm
 
 UNTESTED = source_code.untested_code({"LlamaRMSNorm.forward": source_code.llama_references()["LlamaRMSNorm.forward"]})
 # Where the installed LlamaRMSNorm is not the code the kernel was tested against, it stays off
@@ -70,7 +70,7 @@ def test_finetune_puts_it_on_every_norm_while_it_trains(tiny_llama_dir):
 
     import finetune
     from utils.model_loading import load_tokenizer
-    from utils.speedups import training_speedups
+    from utils.train.speedups import training_speedups
 
     tokenizer = load_tokenizer(str(tiny_llama_dir), padding_side="right")
     model = finetune.build_lora_model(
@@ -86,8 +86,8 @@ def test_finetune_puts_it_on_every_norm_while_it_trains(tiny_llama_dir):
 
 def test_a_changed_llama_formula_keeps_every_norm_on_its_own_forward(monkeypatch):
     """A transformers release that changes LlamaRMSNorm: Mistral's copy still reads as the old code,
-    but the kernel computes the old formula, so no norm gets it (utils/speedups.py's line says why)."""
-    from utils.rms_norm import untested_rms_norm
+    but the kernel computes the old formula, so no norm gets it (utils/train/speedups/'s line says why)."""
+    from utils.train.speedups.rms_norm import untested_rms_norm
 
     from transformers.models.llama import modeling_llama
 
@@ -99,7 +99,7 @@ def test_a_changed_llama_formula_keeps_every_norm_on_its_own_forward(monkeypatch
     mistral = transformers_norm("MistralRMSNorm", 16)
     assert use_fast_rms_norm(mistral) == 0 and "forward" not in vars(mistral)
     assert untested_rms_norm() == (f"transformers {transformers_version()}'s Llama LlamaRMSNorm.forward is not the "
-                                   "code it was tested against (utils/source_code.py, TESTED_CODE)")
+                                   "code it was tested against (utils/train/speedups/source_code.py, TESTED_CODE)")
 
 
 def transformers_version() -> str:

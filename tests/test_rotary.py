@@ -1,4 +1,4 @@
-"""The hand-written rotary embedding (utils/rotary.py) computes the same bits as transformers', forward
+"""The hand-written rotary embedding (utils/train/speedups/rotary.py) computes the same bits as transformers', forward
 and backward, and is swapped in only where the formula is Llama's, only inside its block."""
 
 import importlib
@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers.models.llama import modeling_llama
 
-from utils.rotary import RotaryFunction, fast_rotary_embeddings, llama_rotary_modules, untested_rotary
+from utils.train.speedups.rotary import RotaryFunction, fast_rotary_embeddings, llama_rotary_modules, untested_rotary
 
 # Where the installed Llama rotary functions are not the code the kernel was tested against, it
 # stays off (tests/test_dependencies.py checks that, and that the pinned transformers is tested).
@@ -107,7 +107,7 @@ def test_mixed_dtypes_keep_transformers_path_and_its_bits():
 
 def test_a_changed_llama_formula_keeps_every_model_on_its_own_rotary(monkeypatch):
     """A transformers release that changes Llama's rotate_half: Qwen2's copy still reads as the old
-    code, but the kernel computes the old formula, so no module is swapped (utils/speedups.py's line
+    code, but the kernel computes the old formula, so no module is swapped (utils/train/speedups/'s line
     says why)."""
     def rotate_half(x):  # another formula (interleaved pairs), as a new release might have it
         return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
@@ -121,13 +121,13 @@ def test_a_changed_llama_formula_keeps_every_model_on_its_own_rotary(monkeypatch
     with fast_rotary_embeddings(model) as changed:
         assert changed == 0 and modeling_qwen2.apply_rotary_pos_emb is original
     assert untested_rotary() == (f"transformers {transformers.__version__}'s Llama rotate_half is not the code it was "
-                                 "tested against (utils/source_code.py, TESTED_CODE)")
+                                 "tested against (utils/train/speedups/source_code.py, TESTED_CODE)")
 
 
 def test_hub_kernel_wrappers_are_read_through():
     """With the `kernels` package, transformers 5.25 wraps apply_rotary_pos_emb in an nn.Module; the
     source compared is the function it calls."""
-    from utils.source_code import code_of, unwrapped
+    from utils.train.speedups.source_code import code_of, unwrapped
 
     def formula(q, k):
         return q + k

@@ -16,10 +16,10 @@ import pytest
 from conftest import ROOT
 
 import evaluate  # noqa: E402
-from utils import sandbox
-from utils.benchmarks import load_humaneval
+from utils.eval import sandbox
+from utils.eval.benchmarks import load_humaneval
 from utils.cli import run_cli
-from utils.sandbox import harness_uids, isolation, run_programs
+from utils.eval.sandbox import harness_uids, isolation, run_programs
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and the uid registry need root")
 
@@ -98,7 +98,7 @@ def test_the_search_would_find_the_marker_without_a_sandbox(bystander, tmp_path)
 LAUNCH_WITH_A_FAILING_REMOUNT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {root!r})
-    from utils import sandbox
+    from utils.eval import sandbox
     real = sandbox.mount_points
     # A mount that cannot be remounted read-only (it does not exist): the program must not start.
     sandbox.mount_points = lambda: (*real(), (b'/nonexistent-codeup-mount', 0))
@@ -134,7 +134,7 @@ def test_make_file_system_read_only_raises_on_a_mount_it_cannot_remount(tmp_path
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from utils import sandbox
+        from utils.eval import sandbox
         sandbox.check(sandbox.libc().unshare(sandbox.CLONE_NEWNS), "unshare")
         try:
             sandbox.make_file_system_read_only([{str(tmp_path)!r}], ((b"/nonexistent-codeup-mount", 0),))
@@ -151,7 +151,7 @@ HOLD_A_BLOCK = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {root!r})
     os.getpid = lambda: 4242  # the same pid modulo 4096 for both: the old scheme gave them the same uids
-    from utils import sandbox
+    from utils.eval import sandbox
     print(sandbox.uid_block(), flush=True)
     sys.stdin.read()  # held until the test closes our input
 """)

@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 from utils.cli import resolve_api_key
 from utils.errors import CodeUpError
-from utils.openai_api import LOGIN_PATH, SESSION_COOKIE, KeyGate, presents_key, session_token
+from utils.serve.openai_api import LOGIN_PATH, SESSION_COOKIE, KeyGate, presents_key, session_token
 
 KEY = "unit-test-key-31c7"
 

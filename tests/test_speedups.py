@@ -1,4 +1,4 @@
-"""The training speed-ups go on and off in one place (utils/speedups.py): on by default with one
+"""The training speed-ups go on and off in one place (utils/train/speedups/): on by default with one
 line that names them, all off after the training loop, and none at all with --cpu_speedups False."""
 
 import functools
@@ -10,10 +10,11 @@ from transformers.models.llama import modeling_llama
 
 import finetune
 from test_finetune import data_file, tiny_flags  # noqa: F401  (fixture)
-from utils import attention, dropout, packed_weights, rms_norm, rotary
+from utils.train import attention
+from utils.train.speedups import dropout, packed_weights, rms_norm, rotary
 from utils.model_loading import load_tokenizer
 from utils.precision import cpu_native_bf16
-from utils.speedups import training_speedups
+from utils.train.speedups import training_speedups
 
 
 def bf16_lora_model(tiny_llama_dir):

@@ -1,4 +1,4 @@
-"""The data stage's syntax check: utils/syntax.py on its own, then through preprocess.py --check_syntax."""
+"""The data stage's syntax check: data/syntax.py on its own, then through preprocess.py --check_syntax."""
 
 import json
 import subprocess
@@ -7,10 +7,9 @@ import sys
 import pytest
 
 from conftest import ROOT
-from utils import syntax
+import syntax
 
-sys.path.insert(0, str(ROOT / "data"))
-import preprocess  # noqa: E402
+import preprocess
 
 # (language, valid answer, broken answer, what the parser's first error says about the broken one).
 # The valid ones are the fragments Code Alpaca answers with: no class around a Java method, no

@@ -1,20 +1,21 @@
-"""Code shared by the CodeUp stage scripts, one module per concern (import what you need):
+"""Code the stage scripts share; what only one stage uses lives in a subpackage named for it.
 
+Shared by every stage (import what you need):
 - cli.py: run_cli, the fire entry point that turns a CodeUpError into a one-line message
 - errors.py: CodeUpError
+- files.py: the one reader and writer of every file a stage reads or writes (errors name the file and line)
+- logs.py: logger, the one notice channel (warning: ... on stderr, rank 0 only)
 - prompter.py: prompt templates (build a prompt, cut the response out of generated text)
+- chat_data.py: chat-format records (Alpaca, messages, ShareGPT), chat templates, assistant-only labels
 - tokenization.py: tokenization and label masking for training
 - model_loading.py: models and tokenizers from a hub id, a folder, a .gguf file or `smollm2-135m`
-- generation.py: Generator, prompt in and response out (greedy, sampled, streamed, batched)
-- chat_data.py: chat-format records (Alpaca, messages, ShareGPT), chat templates, assistant-only labels
-- openai_api.py: the OpenAI-compatible routes generate.py serves beside the page
-- api_generation.py: generation through any OpenAI-compatible server (evaluate.py --api_base)
-- language_detection.py: Guesslang's programming-language model, batched
-- benchmarks.py: HumanEval and MBPP problems; the benchmark texts decontamination checks
-- multilingual.py: HumanEval-X and MultiPL-E: problems, the programs they run, toolchains
-- sandbox.py: compiles and runs untrusted programs (model-written code) in isolated, limited subprocesses
-- logs.py: logger, the one notice channel (warning: ... on stderr, rank 0 only)
-- files.py: the one reader of every file a stage reads (text, JSON, JSON Lines): errors name the file and line
+- precision.py: the one policy for dtypes (bf16/fp16/fp32, 8-bit and 4-bit)
+
+Subpackages, one per stage's concern:
+- train/: what finetune.py trains with (per-example attention, the chunked loss, speedups/)
+- serve/: what answers prompts (generation; the OpenAI-compatible API generate.py serves)
+- eval/: what evaluate.py scores with (benchmarks, programs per language, the sandbox, an API client)
+The data stage's own helpers (language detection, syntax check) live beside it in data/.
 
 Modules import their heavy libraries themselves, so that e.g. the data stage never loads torch.
 """

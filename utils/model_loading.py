@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-import utils.attention  # noqa: F401  (registers the sdpa_per_example attention)
+import utils.train.attention  # noqa: F401  (registers the sdpa_per_example attention)
 from utils.errors import CodeUpError
 from utils.precision import resolve_precision, silence_bitsandbytes_cast_notice, torch_dtype
 
@@ -215,7 +215,7 @@ def load_model(
 
     Under torchrun each process puts its copy on its own GPU (LOCAL_RANK).
     attn_implementation: None for transformers' default (sdpa), or a name it knows, including
-    utils/attention.py's sdpa_per_example.
+    utils/train/attention.py's sdpa_per_example.
     """
     device = device or default_device()
     dtype = resolve_dtype(dtype, device, load_in_8bit=load_in_8bit)
@@ -232,7 +232,7 @@ def load_model(
             attn_implementation=attn_implementation,
             # transformers 5.25 with the `kernels` package swaps in layers fetched from the hub at load
             # (code that is not pinned, and needs the network) and swaps them again at every
-            # model.train()/eval(), which also drops this project's own CPU kernels (utils/speedups.py).
+            # model.train()/eval(), which also drops this project's own CPU kernels (utils/train/speedups/).
             use_kernels=False,
         )
     except OSError as error:

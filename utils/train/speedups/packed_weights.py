@@ -14,7 +14,7 @@ frozen bf16 `nn.Linear` of a model that lives on a CPU; the packs are freed when
 forward pass then multiplies by its forward pack (the bias added in the same kernel, as F.linear
 does); its input gradient uses the weight itself (a second pack for it gained nothing measurable,
 for another copy of every weight). The output head also gets a backward pack, which the chunked
-loss (utils/loss.py) uses: its input gradient, (tokens x vocabulary) @ (vocabulary x hidden), is
+loss (utils/train/loss.py) uses: its input gradient, (tokens x vocabulary) @ (vocabulary x hidden), is
 where the plain matmul is slowest. Memory: one packed copy of the frozen linear weights, two of the
 head's (SmolLM2-135M: about 320 MB). Where that would take more than half the memory available,
 nothing is packed (a 7B base in bf16 on a CPU: 13 GB more), and the run says so.

@@ -30,7 +30,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from utils.generation import MAX_NEW_TOKENS, Completion, Generator
+from utils.serve.generation import MAX_NEW_TOKENS, Completion, Generator
 
 API_KEY_ENV = "CODEUP_API_KEY"
 MAX_BODY_BYTES = 4 * 1024 * 1024

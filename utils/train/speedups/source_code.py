@@ -19,7 +19,7 @@ import re
 
 # The sha256 (first 16 hex digits) of code_of(Llama's function), for each function a hand-written
 # kernel replaces, with the transformers releases whose tests passed on it. When a release changes
-# one: check the kernel against the new code, then add its hash here (`python -m utils.source_code`
+# one: check the kernel against the new code, then add its hash here (`python -m utils.train.speedups.source_code`
 # prints them).
 TESTED_CODE = {
     "LlamaRMSNorm.forward": {"f2b1cef92c1f06bf": "5.24.0, 5.25.0"},
@@ -90,7 +90,7 @@ def untested_code(references: dict) -> str | None:
     if not changed:
         return None
     return (f"transformers {transformers.__version__}'s Llama {' and '.join(changed)} is not the code it was tested "
-            f"against (utils/source_code.py, TESTED_CODE)")
+            f"against (utils/train/speedups/source_code.py, TESTED_CODE)")
 
 
 def llama_references() -> dict:

@@ -14,8 +14,8 @@ The attention layers look the function up in their modeling module at every call
 training loop), in each modeling module of the model whose apply_rotary_pos_emb and rotate_half
 read as Llama's (Mistral, Mixtral, Qwen2/3 and their MoEs, StarCoder2, Gemma, Granite...; not
 Phi-3 or OLMo2, whose rotary differs). Off a CPU the original runs. Where the installed Llama
-functions are not the code RotaryFunction was tested against (utils/source_code.py), nothing is
-swapped (utils/speedups.py's line says so).
+functions are not the code RotaryFunction was tested against (utils/train/speedups/source_code.py), nothing is
+swapped (utils/train/speedups/'s line says so).
 """
 
 import contextlib
@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from utils.source_code import llama_references, same_code, untested_code
+from utils.train.speedups.source_code import llama_references, same_code, untested_code
 
 
 class RotaryFunction(torch.autograd.Function):

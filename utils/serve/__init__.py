@@ -1,0 +1,2 @@
+"""What answers prompts: Generator, prompt in and response out (generation.py; used by generate.py and
+evaluate.py), and the OpenAI-compatible routes generate.py serves beside the page (openai_api.py)."""
