@@ -143,13 +143,13 @@ def mean_pass_at_k(passed_by_task: dict[str, list[bool]], ks: list[int]) -> dict
 # ---- samples ------------------------------------------------------------------------------------
 
 def generate_samples(problems, base_model, lora_weights, prompt_template, n_samples, temperature,
-                     max_new_tokens, batch_size, load_8bit) -> list[dict]:
+                     max_new_tokens, batch_size, load_in_8bit) -> list[dict]:
     """n_samples responses per problem from the model, batched."""
     from tqdm.auto import tqdm
 
     from utils.serve.generation import Generator
 
-    generator = Generator(base_model, lora_weights or None, load_8bit, prompt_template)
+    generator = Generator(base_model, lora_weights or None, load_in_8bit, prompt_template)
     requests = [problem for problem in problems for _ in range(n_samples)]
     settings = dict(temperature=temperature, top_p=0.95, top_k=0, num_beams=1, max_new_tokens=max_new_tokens)
     samples = []
@@ -315,7 +315,7 @@ def main(
     benchmarks_dir: str = "data/",
     max_new_tokens: int = 512,
     batch_size: int = 8,
-    load_8bit: bool = False,
+    load_in_8bit: bool = False,
     api_base: str = "",
     api_model: str = "",
     api_key: str = "",
@@ -349,7 +349,7 @@ def main(
         benchmarks_dir: where data/download.py --benchmarks put humaneval-x/ and multipl-e/.
         max_new_tokens: the longest answer.
         batch_size: prompts generated together.
-        load_8bit: load the base model in 8-bit.
+        load_in_8bit: load the base model in 8-bit.
         api_base: generate through this OpenAI-compatible server (e.g. http://127.0.0.1:7860/v1:
             generate.py, llama.cpp's llama-server, `python -m llama_cpp.server` on an exported GGUF)
             instead of loading a model; same prompts and sampling. --lora_weights then names the
@@ -390,7 +390,7 @@ def main(
                                                   lora_weights=lora_weights, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens)
     else:
         samples = generate_samples(problems, base_model, lora_weights, prompt_template, n_samples, temperature,
-                                   max_new_tokens, batch_size, load_8bit)
+                                   max_new_tokens, batch_size, load_in_8bit)
         model = base_model + (f" + {lora_weights}" if lora_weights else "")
     if not samples_file:
         for sample, problem in zip(samples, [p for p in problems for _ in range(n_samples)]):
@@ -433,4 +433,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, aliases={"load_8bit": "load_in_8bit"})

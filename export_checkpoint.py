@@ -1,8 +1,8 @@
 """Export stage: merge a LoRA adapter into its base model and save it for transformers, llama.cpp,
 Ollama or PyTorch, prompted as it was trained.
 
-    python export_checkpoint.py --lora_weights ./lora-codeup --export_dir export_checkpoint/codeup --checkpoint_type hf
-    python export_checkpoint.py --lora_weights ./lora-codeup --export_dir export_checkpoint/codeup --checkpoint_type gguf --quantize q4_k_m
+    python export_checkpoint.py --lora_weights ./lora-codeup --output_dir export_checkpoint/codeup --checkpoint_type hf
+    python export_checkpoint.py --lora_weights ./lora-codeup --output_dir export_checkpoint/codeup --checkpoint_type gguf --quantize q4_k_m
 
 The merge works tensor by tensor, reading the base model shard by shard (never in 8-bit): each
 adapted weight becomes what PEFT computes (W + scaling * B @ A in float32; DoRA, lora_bias,
@@ -15,14 +15,14 @@ so a crash never leaves a half export that looks whole.
 The exports' chat template is the training prompt (utils/prompter.py: chat_template), read from
 the adapter's prompt_template.json (--prompt_template to choose another).
 
-  hf         {export_dir}/hf_ckpt/: sharded safetensors, config (no quantization settings), tokenizer
+  hf         {output_dir}/hf_ckpt/: sharded safetensors, config (no quantization settings), tokenizer
              with the chat template, generation config; loads with AutoModelForCausalLM.
-  gguf       {export_dir}/gguf/ggml-model-{f32|f16|bf16}.gguf by llama.cpp's own convert_hf_to_gguf.py
+  gguf       {output_dir}/gguf/ggml-model-{f32|f16|bf16}.gguf by llama.cpp's own convert_hf_to_gguf.py
              (any architecture it supports), optionally quantized by llama.cpp (q8_0, q4_k_m, q5_k_m),
              and an Ollama Modelfile.{suffix} beside each GGUF.
-  gguf-lora  {export_dir}/gguf-lora/: a GGUF of the base and the adapter as a GGUF LoRA
+  gguf-lora  {output_dir}/gguf-lora/: a GGUF of the base and the adapter as a GGUF LoRA
              (convert_lora_to_gguf.py), for llama-cli --lora / llama-cpp-python's lora_path.
-  pytorch    {export_dir}/ckpt/consolidated.00.pth + params.json in Meta's Llama layout.
+  pytorch    {output_dir}/ckpt/consolidated.00.pth + params.json in Meta's Llama layout.
 """
 
 import json
@@ -487,9 +487,9 @@ def plan_embeddings(adapter: Adapter, shapes: dict, config) -> dict:
 def main(
     base_model: str = DEFAULT_BASE_MODEL,
     lora_weights: str = "",
-    export_dir: str = "export_checkpoint",
+    output_dir: str = "export_checkpoint",
     checkpoint_type: str = "hf",
-    dtype: str = "float16",
+    precision: str = "float16",
     max_shard_size: str = "2GB",
     quantize="",
     prompt_template: str | None = None,
@@ -501,10 +501,11 @@ def main(
     Args:
         base_model: the base the adapter was trained on: hub id, local HF folder, .gguf file, or smollm2-135m.
         lora_weights: the adapter folder from finetune.py (adapter_config.json + adapter_model.safetensors).
-        export_dir: where the export goes: {export_dir}/hf_ckpt, /ckpt, /gguf or /gguf-lora.
+        output_dir: where the export goes: {output_dir}/hf_ckpt, /ckpt, /gguf or /gguf-lora.
         checkpoint_type: hf (transformers), pytorch (Meta's Llama layout), gguf (llama.cpp, merged) or
             gguf-lora (llama.cpp: a GGUF of the base plus the adapter as a GGUF LoRA).
-        dtype: float16, bfloat16 or float32 (auto: float16; see the precision table in README).
+        precision: the exported weights' dtype: float16, bfloat16 or float32 (auto: float16; see the
+            precision table in docs/hardware.md).
         max_shard_size: the largest safetensors shard of an hf export, e.g. 500MB or 2GB.
         quantize: gguf only: also write quantized files, e.g. q4_k_m or q8_0,q4_k_m,q5_k_m (llama.cpp's
             quantizer, through llama-cpp-python).
@@ -516,14 +517,14 @@ def main(
     if checkpoint_type not in CHECKPOINT_FOLDERS:
         raise CodeUpError(f"--checkpoint_type must be hf, pytorch, gguf or gguf-lora, not {checkpoint_type!r}")
     # utils/precision.py decides (auto = float16 for exports); any spelling of a precision works
-    dtype = str(torch_dtype(resolve_precision(dtype, stage="export", device="cpu"))).removeprefix("torch.")
+    dtype = str(torch_dtype(resolve_precision(precision, stage="export", device="cpu"))).removeprefix("torch.")
     quantizations = parse_list(quantize) if quantize else []
     if quantizations and (checkpoint_type != "gguf" or set(quantizations) - set(QUANTIZATIONS)):
         raise CodeUpError(f"--quantize takes {', '.join(QUANTIZATIONS)} (comma-separated), with --checkpoint_type gguf")
     if not lora_weights:
         raise CodeUpError("give the adapter to merge: --lora_weights DIR")
     max_shard_bytes = parse_size(max_shard_size)
-    export = Path(export_dir).expanduser()
+    export = Path(output_dir).expanduser()
     target = export / CHECKPOINT_FOLDERS[checkpoint_type]
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise CodeUpError(f"{target} exists and is not empty: pass --overwrite to replace it")
@@ -605,4 +606,4 @@ def write_gguf_lora(adapter: Adapter, base: Path, files, config, folder: Path, d
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, aliases={"export_dir": "output_dir", "dtype": "precision"})

@@ -53,7 +53,7 @@ def train(
     base_model: str = DEFAULT_BASE_MODEL,
     data_path: str = "data/codeup_19k.json",
     output_dir: str = "./lora-codeup",
-    prompt_template_name: str = "alpaca",
+    prompt_template: str = "alpaca",
     # training hyper-parameters
     batch_size: int = 128,
     micro_batch_size: int = 4,
@@ -103,7 +103,7 @@ def train(
         data_path: a JSON list / JSONL file of {instruction, input, output} records, or a hub dataset id.
         output_dir: where checkpoints, the adapter (adapter_model.safetensors), loss.png and the
             trainer's state go.
-        prompt_template_name: a template in templates/, a path to a JSON template, or chat: the base
+        prompt_template: a template in templates/, a path to a JSON template, or chat: the base
             tokenizer's own chat template, for Alpaca, OpenAI `messages` and ShareGPT
             `conversations` records (mixed; several files comma-separated), loss on assistant turns.
         batch_size: examples per optimizer step (all processes together).
@@ -188,14 +188,14 @@ def train(
     check_target_modules(target_modules, linear_module_names(model_reference))
     # every data error surfaces here, before the model loads; chat: Alpaca, messages and ShareGPT
     # records (mixed, comma-separated files) in the base tokenizer's chat template
-    records = load_chat_records(data_path) if prompt_template_name == CHAT else load_records(data_path)
+    records = load_chat_records(data_path) if prompt_template == CHAT else load_records(data_path)
 
     if cuda:
         enable_tf32()
     transformers.set_seed(seed)
     tokenizer = load_tokenizer(base_model, padding_side="right")
     train_data, val_data = tokenize_records(
-        records, tokenizer=tokenizer, template=prompt_template_name, cutoff_len=cutoff_len,
+        records, tokenizer=tokenizer, template=prompt_template, cutoff_len=cutoff_len,
         train_on_inputs=train_on_inputs, add_eos_token=add_eos_token, val_set_size=val_set_size, seed=seed,
     )
     model = build_lora_model(
@@ -219,8 +219,8 @@ def train(
     )
     # The template travels with the adapter: generate.py, evaluate.py and export_checkpoint.py
     # prompt it (and exports carry it as their chat template) exactly as it was trained.
-    template_record = dict(name=Path(prompt_template_name).stem, template=None if prompt_template_name == CHAT
-                           else load_template(prompt_template_name))
+    template_record = dict(name=Path(prompt_template).stem, template=None if prompt_template == CHAT
+                           else load_template(prompt_template))
     if trainer.is_world_process_zero():
         save_template_record(output_dir, **template_record)
     # Before the completion marker, so a checkpoint marked whole always has its template.
@@ -654,4 +654,4 @@ def main(**flags):
     train(**flags)
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, aliases={"prompt_template_name": "prompt_template"})

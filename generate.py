@@ -152,7 +152,7 @@ def answer_file(generator, records, output_file, batch_size, settings):
 def main(
     base_model: str = DEFAULT_BASE_MODEL,
     lora_weights: str = "",
-    load_8bit: bool = False,
+    load_in_8bit: bool = False,
     prompt_template: str | None = None,
     server_name: str = "127.0.0.1",
     server_port: int = 7860,
@@ -180,7 +180,7 @@ def main(
     Args:
         base_model: hub id, local HF folder (e.g. a merged export), .gguf file, or smollm2-135m.
         lora_weights: a LoRA adapter folder from finetune.py (none: the base model alone).
-        load_8bit: load the base model in 8-bit (bitsandbytes).
+        load_in_8bit: load the base model in 8-bit (bitsandbytes).
         prompt_template: a template in templates/ or a JSON file; default: the one the adapter was
             trained with (finetune.py records it), else alpaca. Another one works, with a warning.
         server_name: address the page listens on; 127.0.0.1 keeps it on this machine.
@@ -227,7 +227,7 @@ def main(
     if not scripted:
         warn_about_exposure(key=key, server_name=server_name, server_port=server_port, share_gradio=share_gradio,
                             api_only=api_only)
-    generator = Generator(base_model, lora_weights or None, load_8bit, prompt_template)
+    generator = Generator(base_model, lora_weights or None, load_in_8bit, prompt_template)
     if prompts_file:
         return answer_file(generator, records, output_file, batch_size, settings)
     if str(instruction).strip():
@@ -300,4 +300,4 @@ def serve(generator, *, base_model, lora_weights, api_only, api_key, api_model_n
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, aliases={"load_8bit": "load_in_8bit"})

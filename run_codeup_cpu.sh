@@ -7,7 +7,7 @@
 # new_codealpaca.json are looked for; without them data/sample_codeup.json is used), WORK_DIR
 # (runs/smollm2), MAX_STEPS (40), EVAL_LIMIT (20 HumanEval problems), EVAL_TASK2 (humanevalx-js: the
 # language scored besides Python, on EVAL_LIMIT2 = 10 problems; any task of evaluate.py, or "none"),
-# BENCHMARKS_DIR (DATA_DIR: where humaneval-x/ and multipl-e/ are, see data/download.py --only_benchmarks),
+# BENCHMARKS_DIR (DATA_DIR: where humaneval-x/ and multipl-e/ are, see data/download.py --benchmarks only),
 # SKIP_SETUP (set: use the current environment), PY (the Python to run).
 # Each stage skips work whose outputs are already there and valid; delete a stage's folder in
 # WORK_DIR to run it again, or run its script alone with the flags printed below.
@@ -65,7 +65,7 @@ for kind in hf gguf; do
     skip "$folder exists"
   else
     $PY export_checkpoint.py --base_model "$BASE_MODEL" --lora_weights "$WORK_DIR/lora" \
-      --export_dir "$WORK_DIR/export" --checkpoint_type "$kind"
+      --output_dir "$WORK_DIR/export" --checkpoint_type "$kind"
   fi
 done
 done_in
@@ -86,7 +86,7 @@ import sys
 from utils.eval import multilingual as m
 task, folder = sys.argv[1], sys.argv[2]
 if task not in m.TASKS: sys.exit(f'{task} is not a HumanEval-X / MultiPL-E task')
-if not m.default_problems_file(task, folder).is_file(): sys.exit(f'{m.default_problems_file(task, folder)} is missing (get it with: $PY data/download.py --only_benchmarks)')
+if not m.default_problems_file(task, folder).is_file(): sys.exit(f'{m.default_problems_file(task, folder)} is missing (get it with: $PY data/download.py --benchmarks only)')
 try: m.check_toolchain(m.TASKS[task][1], m.TASKS[task][0])
 except Exception as error: sys.exit(str(error))
 " "$EVAL_TASK2" "$BENCHMARKS_DIR" 2>&1); then

@@ -36,6 +36,6 @@ $PY finetune.py \
   "$@"
 
 $PY export_checkpoint.py --base_model "$BASE_MODEL" --lora_weights "$OUTPUT_DIR" \
-  --export_dir "export_checkpoint/codeup-$NAME" --checkpoint_type hf --overwrite
+  --output_dir "export_checkpoint/codeup-$NAME" --checkpoint_type hf --overwrite
 
 $PY evaluate.py --task humaneval --base_model "export_checkpoint/codeup-$NAME/hf_ckpt" --output_dir "eval/codeup-$NAME"

@@ -144,7 +144,7 @@ def fetch(url: str, target: Path, timeout: float) -> None:
 
 
 def main(output_dir: str = "data/", base_url: str = "", overwrite: bool = False, timeout: float = 60.0,
-         benchmarks: bool = False, only_benchmarks: bool = False):
+         benchmarks: bool | str = False):
     """Download code_alpaca_20k.json and new_codealpaca.json (and, asked, HumanEval-X and MultiPL-E).
 
     Args:
@@ -153,14 +153,16 @@ def main(output_dir: str = "data/", base_url: str = "", overwrite: bool = False,
             humaneval-x/humaneval_{lang}.jsonl.gz and multipl-e/humaneval-{lang}.parquet under it).
         overwrite: download again even when a valid file is present.
         timeout: seconds to wait for the server.
-        benchmarks: also fetch HumanEval-X (humaneval-x/) and MultiPL-E (multipl-e/) for evaluate.py.
-        only_benchmarks: fetch only the benchmarks.
+        benchmarks: True: also fetch HumanEval-X (humaneval-x/) and MultiPL-E (multipl-e/) for
+            evaluate.py; only: fetch only them; False: only the training data.
     """
+    if benchmarks not in (True, False, "only"):
+        raise CodeUpError(f"--benchmarks takes True, False or only, not {benchmarks!r}")
     folder = Path(output_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    if benchmarks or only_benchmarks:
+    if benchmarks:
         download_benchmarks(folder, base_url, overwrite, timeout)
-    if only_benchmarks:
+    if benchmarks == "only":
         return
     for name, url in SOURCES.items():
         target = folder / name
@@ -173,4 +175,4 @@ def main(output_dir: str = "data/", base_url: str = "", overwrite: bool = False,
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, aliases={"only_benchmarks": "benchmarks=only"})

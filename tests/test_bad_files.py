@@ -159,5 +159,5 @@ def test_export_adapter_config(tiny_llama_dir, tmp_path, capsys, kind):
     bad.rename(adapter / "adapter_config.json")
     out = tmp_path / "export"
     err = run_stage(export_checkpoint.main, ["--base_model", str(tiny_llama_dir), "--lora_weights", str(adapter),
-                                             "--export_dir", str(out)], capsys)
+                                             "--output_dir", str(out)], capsys)
     assert "adapter_config.json" in err and not out.exists()

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from utils.cli import one_line_arg_descriptions, parse_list
+from utils.cli import one_line_arg_descriptions, parse_list, renamed_flags, run_cli
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -62,3 +62,46 @@ def test_help_shows_every_flags_whole_description(script):
     assert len(expected) >= 4
     parsed = {arg.name: " ".join(arg.description.split()) for arg in docstrings.parse(one_line_arg_descriptions(docstring)).args}
     assert parsed == {name: " ".join(text.split()) for name, text in expected.items()}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--load_8bit", "--base_model", "x"], ["--load_in_8bit", "--base_model", "x"]),
+    (["--load-8bit=False"], ["--load_in_8bit=False"]),
+    (["--only_benchmarks"], ["--benchmarks=only"]),
+    (["--only_benchmarks", "True", "--timeout", "5"], ["--benchmarks=only", "--timeout", "5"]),
+    (["--only_benchmarks=False"], []),
+    (["--output_dir", "--load_8bit"], ["--output_dir", "--load_in_8bit"]),
+])
+def test_old_flag_names_become_todays(argv, expected):
+    assert renamed_flags(argv, {"load_8bit": "load_in_8bit", "only_benchmarks": "benchmarks=only"}) == expected
+
+
+# Each stage's old spelling (the 2023 scripts', or another stage's before one name per concept).
+OLD_NAMES = [("finetune.py", "--prompt_template_name", "--prompt_template"),
+             ("generate.py", "--load_8bit", "--load_in_8bit"),
+             ("evaluate.py", "--load_8bit", "--load_in_8bit"),
+             ("export_checkpoint.py", "--export_dir", "--output_dir"),
+             ("export_checkpoint.py", "--dtype", "--precision"),
+             ("data/download.py", "--only_benchmarks", "--benchmarks only")]
+
+
+@pytest.mark.parametrize("script, old, new", OLD_NAMES)
+def test_help_names_each_old_flag_once_beside_todays(script, old, new):
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                            env={**os.environ, "PAGER": "cat"}, timeout=300)
+    text = result.stdout + result.stderr
+    assert text.count(old + " ") + text.count(old + ")") == 1 and f"{old} (now {new})" in text
+    assert f"--{new.split()[0].removeprefix('--')}" in text.replace(f"(now {new})", "")
+
+
+def test_an_old_flag_name_still_works(tmp_path):
+    """download.py --only_benchmarks reaches main as --benchmarks only: benchmarks, no training data."""
+    import download
+
+    calls = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(download, "download_benchmarks", lambda *args: calls.setdefault("benchmarks", args))
+        patch.setattr(download, "fetch", lambda *args: calls.setdefault("fetch", args))
+        run_cli(download.main, argv=["--output_dir", str(tmp_path), "--only_benchmarks"],
+                aliases={"only_benchmarks": "benchmarks=only"})
+    assert "benchmarks" in calls and "fetch" not in calls

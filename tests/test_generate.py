@@ -240,5 +240,5 @@ def test_adapter_stays_beside_an_8bit_base(tiny_llama_dir, tmp_path):
 
     model, _ = load_model_and_tokenizer(str(tiny_llama_dir))
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
-    generator = Generator(str(tiny_llama_dir), str(tmp_path / "adapter"), load_8bit=True)
+    generator = Generator(str(tiny_llama_dir), str(tmp_path / "adapter"), load_in_8bit=True)
     assert isinstance(generator.model, PeftModel)

@@ -56,7 +56,7 @@ def test_finetune_records_its_template_in_the_adapter_and_every_checkpoint(tiny_
     custom_file.write_text(json.dumps(custom))
     output = tmp_path / "lora"
     finetune.train(
-        base_model=str(tiny_llama_dir), data_path=str(data), output_dir=str(output), prompt_template_name=str(custom_file),
+        base_model=str(tiny_llama_dir), data_path=str(data), output_dir=str(output), prompt_template=str(custom_file),
         batch_size=8, micro_batch_size=4, max_steps=2, save_steps=1, warmup_steps=0, cutoff_len=64, val_set_size=0,
         lora_r=4, lora_alpha=8, report_to="none",
     )

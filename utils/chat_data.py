@@ -256,7 +256,7 @@ def load_chat_records(data_path):
 
 
 def chat_tokenizer_function(tokenizer, *, cutoff_len: int, train_on_inputs: bool):
-    """The datasets.map function for chat records (finetune.py --prompt_template_name chat)."""
+    """The datasets.map function for chat records (finetune.py --prompt_template chat)."""
     def tokenize(record):
         return tokenize_conversation(tokenizer, record["messages"], cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
     return tokenize

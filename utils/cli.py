@@ -7,10 +7,11 @@ import traceback
 from utils.errors import CodeUpError
 
 
-def run_cli(component, argv: list[str] | None = None) -> None:
+def run_cli(component, argv: list[str] | None = None, *, aliases: dict[str, str] | None = None) -> None:
     """Run `component` (a function) as a fire CLI on sys.argv (or `argv`); a CodeUpError becomes
     `error: ...` and exit code 2. With CODEUP_DEBUG=1 the traceback behind the error (and its
-    cause) is printed first."""
+    cause) is printed first. `aliases`: old flag name -> today's (see renamed_flags), named once in
+    --help."""
     import fire  # here, so that importing a stage as a library (benchmarks, tests) needs no fire
 
     # Piped to a file or `tee`, Python holds stdout back in blocks: the log would show nothing for
@@ -18,6 +19,10 @@ def run_cli(component, argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)
     if getattr(component, "__doc__", None):
         component.__doc__ = one_line_arg_descriptions(component.__doc__)
+        if aliases:
+            component.__doc__ = with_alias_note(component.__doc__, aliases)
+    if aliases:
+        argv = renamed_flags(sys.argv[1:] if argv is None else list(argv), aliases)
     try:
         fire.Fire(component, command=argv)
     except CodeUpError as error:
@@ -26,6 +31,41 @@ def run_cli(component, argv: list[str] | None = None) -> None:
         message = " ".join(str(error).split("\n"))  # one line, whatever the message holds
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def renamed_flags(argv: list[str], aliases: dict[str, str]) -> list[str]:
+    """argv with each old flag name (the 2023 scripts' spelling) replaced by today's: `aliases` maps
+    an old name to a new one, or to `new=value` where the old flag was a switch that is now a value
+    of the new one (`--only_benchmarks` is `--benchmarks only`)."""
+    result, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        name, equals, value = token.removeprefix("--").partition("=")
+        old = name.replace("-", "_")
+        if not token.startswith("--") or old not in aliases:
+            result.append(token)
+            continue
+        new, fixed, fixed_value = aliases[old].partition("=")
+        if not fixed:
+            result.append(f"--{new}{equals}{value}")
+            continue
+        if not equals and index < len(argv) and argv[index] in SWITCH_WORDS:  # `--old True`
+            value, index = argv[index], index + 1
+        if not value or value in SWITCH_WORDS[:2]:  # on: the fixed value; off: as if not given
+            result.append(f"--{new}={fixed_value}")
+    return result
+
+
+SWITCH_WORDS = ("True", "true", "False", "false")
+
+
+def with_alias_note(docstring: str, aliases: dict[str, str]) -> str:
+    """The docstring with one line, before its Args, naming the old flag names that still work."""
+    names = ", ".join(f"--{old} (now --{new.replace('=', ' ')})" for old, new in aliases.items())
+    note = f"Old flag names still work: {names}."
+    head, args, tail = docstring.partition("\n    Args:")
+    return f"{head.rstrip()}\n\n    {note}\n{args}{tail}" if args else f"{docstring.rstrip()}\n\n{note}\n"
 
 
 def one_line_arg_descriptions(docstring: str) -> str:

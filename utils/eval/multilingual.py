@@ -102,7 +102,7 @@ def load_problems(task: str, problems_file: str) -> list[dict]:
     benchmark, key, _ = TASKS[task]
     path = Path(problems_file).expanduser()
     if not path.exists():
-        raise CodeUpError(f"{task}: problems file not found: {path} (get it with: python data/download.py --only_benchmarks)")
+        raise CodeUpError(f"{task}: problems file not found: {path} (get it with: python data/download.py --benchmarks only)")
     rows = [row for _, row in read_jsonl(path, what=f"{task} problems file")]
     problems = []
     for row in rows:

@@ -59,17 +59,17 @@ class Completion:
 class Generator:
     """A model, its tokenizer and template; generates one request at a time."""
 
-    def __init__(self, base_model=DEFAULT_BASE_MODEL, lora_weights=None, load_8bit=False, prompt_template=None):
+    def __init__(self, base_model=DEFAULT_BASE_MODEL, lora_weights=None, load_in_8bit=False, prompt_template=None):
         # None: the template the adapter was trained with (recorded by finetune.py), else alpaca;
         # CHAT: the base tokenizer's chat template (the prompter needs the tokenizer).
         prompt_format = resolve_prompt_format(prompt_template, lora_weights)
         self.chat = prompt_format == CHAT
         self.prompter = None if self.chat else Prompter(prompt_format)
-        self.model, self.tokenizer = load_model_and_tokenizer(base_model, padding_side="left", load_in_8bit=load_8bit)
+        self.model, self.tokenizer = load_model_and_tokenizer(base_model, padding_side="left", load_in_8bit=load_in_8bit)
         if self.chat:
             self.prompter = ChatPrompter(self.tokenizer)
         if lora_weights:
-            self.model = load_adapter(self.model, lora_weights, base_model, merge=not load_8bit)
+            self.model = load_adapter(self.model, lora_weights, base_model, merge=not load_in_8bit)
         self.model.eval()
         self.lock = threading.Lock()
 
