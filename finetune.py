@@ -28,7 +28,7 @@ from utils.train.attention import PER_EXAMPLE_SDPA, per_example_limits
 from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
-from utils.files import read_json, read_jsonl
+from utils.files import read_records, replacing, write_atomically
 from utils.train.loss import head_of, head_skipped, linear_cross_entropy
 from utils.model_loading import (
     DEFAULT_BASE_MODEL,
@@ -174,18 +174,14 @@ def train(
     check_optimizer(optim)
     if early_stopping_patience and val_set_size <= 0:
         raise CodeUpError("--early_stopping_patience needs a validation set: set --val_set_size above 0")
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise CodeUpError(f"--precision must be auto, bf16, fp16 or fp32, not {precision!r}")
-    precision = resolve_precision(precision, stage="training", device="cuda" if cuda else "cpu")
-    if load_in_8bit is None:
-        load_in_8bit = cuda and not load_in_4bit
-    if gradient_checkpointing is None:  # quantized bases: the paper's memory budget needs it
-        gradient_checkpointing = bool(load_in_8bit or load_in_4bit)
+    precision, load_in_8bit, gradient_checkpointing = memory_plan(
+        precision=precision, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+        gradient_checkpointing=gradient_checkpointing, cuda=cuda)
     model_reference = resolve_model_reference(base_model)
     attn_implementation = choose_attention(attn_implementation, packing=packing, cuda=cuda, cutoff_len=cutoff_len,
                                            config=transformers.AutoConfig.from_pretrained(model_reference),
                                            speedups=cpu_speedups)
-    check_target_modules(target_modules, linear_module_names(model_reference))
+    check_target_modules(target_modules, available=linear_module_names(model_reference))
     # every data error surfaces here, before the model loads; chat: Alpaca, messages and ShareGPT
     # records (mixed, comma-separated files) in the base tokenizer's chat template
     records = load_chat_records(data_path) if prompt_template == CHAT else load_records(data_path)
@@ -217,26 +213,49 @@ def train(
         model=model, args=args, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
         packing=packing, early_stopping_patience=early_stopping_patience, callbacks=callbacks,
     )
-    # The template travels with the adapter: generate.py, evaluate.py and export_checkpoint.py
-    # prompt it (and exports carry it as their chat template) exactly as it was trained.
+    record_prompt_template(trainer, prompt_template=prompt_template, output_dir=output_dir)
+    # The speed-ups (utils/train/speedups/: the same results, faster) are on for the training loop alone.
+    with training_speedups(trainer, enabled=cpu_speedups, cutoff_len=cutoff_len):
+        trainer.train(resume_from_checkpoint=checkpoint)
+    save_outputs(trainer, output_dir=output_dir)
+    return trainer
+
+
+def memory_plan(*, precision: str, load_in_8bit, load_in_4bit: bool, gradient_checkpointing, cuda: bool):
+    """(precision, load_in_8bit, gradient_checkpointing) with the defaults filled in: the precision
+    utils/precision.py picks for this device; 8-bit on a GPU unless 4-bit is asked; gradient
+    checkpointing for quantized bases (the paper's memory budget needs it)."""
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise CodeUpError(f"--precision must be auto, bf16, fp16 or fp32, not {precision!r}")
+    precision = resolve_precision(precision, stage="training", device="cuda" if cuda else "cpu")
+    if load_in_8bit is None:
+        load_in_8bit = cuda and not load_in_4bit
+    if gradient_checkpointing is None:
+        gradient_checkpointing = bool(load_in_8bit or load_in_4bit)
+    return precision, load_in_8bit, gradient_checkpointing
+
+
+def record_prompt_template(trainer, *, prompt_template: str, output_dir: str) -> None:
+    """The template travels with the adapter: generate.py, evaluate.py and export_checkpoint.py
+    prompt it (and exports carry it as their chat template) exactly as it was trained. Written into
+    --output_dir now, and into each checkpoint before its completion marker, so that a checkpoint
+    marked whole always has its template."""
     template_record = dict(name=Path(prompt_template).stem, template=None if prompt_template == CHAT
                            else load_template(prompt_template))
     if trainer.is_world_process_zero():
         save_template_record(output_dir, **template_record)
-    # Before the completion marker, so a checkpoint marked whole always has its template.
     trainer.callback_handler.callbacks.insert(0, RecordPromptTemplate(template_record))
-    # The speed-ups (utils/train/speedups/: the same results, faster) are on for the training loop alone.
-    with training_speedups(trainer, enabled=cpu_speedups, cutoff_len=cutoff_len):
-        trainer.train(resume_from_checkpoint=checkpoint)
 
-    # The adapter (adapter_model.safetensors + adapter_config.json) and tokenizer; process 0 only.
-    # With early stopping, the Trainer has loaded the best checkpoint back: that is what is saved.
+
+def save_outputs(trainer, *, output_dir: str) -> None:
+    """The adapter (adapter_model.safetensors + adapter_config.json) and tokenizer, the trainer's
+    state and loss.png; process 0 writes. With early stopping, the Trainer has loaded the best
+    checkpoint back: that is what is saved."""
     trainer.save_model(output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        plot_losses(trainer.state.log_history, Path(output_dir) / "loss.png")
+        plot_losses(log_history=trainer.state.log_history, path=Path(output_dir) / "loss.png")
         print(f"Saved the LoRA adapter, trainer_state.json and loss.png in {output_dir}")
-    return trainer
 
 
 def use_this_process_gpu() -> bool:
@@ -391,7 +410,7 @@ def load_records(data_path: str):
             if not path.exists():
                 raise CodeUpError(f"data file not found: {path} (run data/preprocess.py, or pass --data_path)")
             # utils/files.py names what is wrong with a bad file (binary, truncated, a folder)
-            (read_jsonl if path.suffix == ".jsonl" else read_json)(path, what="--data_path")
+            read_records(path, what="--data_path")
             records = load_dataset("json", data_files=str(path), split="train")
         elif path.exists():
             raise CodeUpError(f"--data_path {path}: expected a .json or .jsonl file")
@@ -426,7 +445,8 @@ def tokenize_records(records, *, tokenizer, template, cutoff_len, train_on_input
 
     def tokenize(record):
         prompt = prompter.generate_prompt(record["instruction"], record["input"])
-        return tokenize_for_training(tokenizer, prompt, record["output"], cutoff_len, train_on_inputs, add_eos_token)
+        return tokenize_for_training(tokenizer, prompt, record["output"], cutoff_len=cutoff_len,
+                                     train_on_inputs=train_on_inputs, add_eos_token=add_eos_token)
 
     if template == CHAT:  # the loss on assistant turns only; EOS is the template's end of turn
         tokenize = chat_tokenizer_function(tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
@@ -459,7 +479,7 @@ def build_lora_model(*, base_model, tokenizer, load_in_8bit, load_in_4bit, dtype
                      target_modules, attn_implementation=PER_EXAMPLE_SDPA):
     model = load_model(base_model, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, dtype=dtype,
                        attn_implementation=attn_implementation)
-    fit_model_to_tokenizer(model, tokenizer)
+    fit_model_to_tokenizer(model=model, tokenizer=tokenizer)
     return add_lora(model, quantized=load_in_8bit or load_in_4bit, lora_r=lora_r, lora_alpha=lora_alpha,
                     lora_dropout=lora_dropout, target_modules=target_modules)
 
@@ -490,8 +510,8 @@ def checkpoint_reentrant(model) -> bool:
 
     bitsandbytes' 8-bit matmul keeps its input as an attribute of its autograd context, not through
     save_for_backward, so non-reentrant checkpointing (which frees only what passes its saved-tensor
-    hooks) cannot free it: on an H100, 1.1 GiB a Llama-2-7B layer stayed alive at 16 x 512 tokens with
-    checkpointing on (4-bit: 0.13). Reentrant checkpointing runs the forward without autograd, so
+    hooks) cannot free it: measured on an H100, most of a Llama-2-7B layer's activations stayed alive
+    with checkpointing on (bench/RESULTS.md). Reentrant checkpointing runs the forward without autograd, so
     nothing stays; it is also what PEFT's prepare_model_for_kbit_training turns on by default."""
     return bool(getattr(model, "is_loaded_in_8bit", False))
 
@@ -590,8 +610,7 @@ class Trainer(transformers.Trainer):
             hidden_states = model(**features).logits
         # The head under the mixed precision the model's forward ran in (accelerate autocasts the
         # forward alone): a quantized base keeps its head in float32, and out of autocast the head's
-        # matmuls ran in float32 (31% of the GPU time of a profiled step, 8-layer 4-bit Llama-2-7B
-        # shape on an H100, TF32 off).
+        # matmuls ran in float32 (a large share of a profiled GPU step: bench/RESULTS.md).
         with self.accelerator.autocast():
             loss = linear_cross_entropy(hidden_states, head.weight, inputs["labels"],
                                         num_items_in_batch=num_items_in_batch, packed=packed_weight_of(head))
@@ -620,9 +639,7 @@ class MarkCompleteCheckpoints(transformers.TrainerCallback):
             dist.barrier()  # the other processes' RNG states are in the folder too
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            temp = folder / f".{CHECKPOINT_COMPLETE}.tmp"
-            temp.write_text(f"{state.global_step}\n")
-            os.replace(temp, folder / CHECKPOINT_COMPLETE)
+            write_atomically(folder / CHECKPOINT_COMPLETE, f"{state.global_step}\n")
 
 
 def plot_losses(log_history: list[dict], path: Path) -> None:
@@ -644,7 +661,8 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with replacing(path) as temp:  # a killed run never leaves half a picture
+        figure.savefig(temp, dpi=100, format="png")
     plt.close(figure)
 
 

@@ -8,16 +8,14 @@ its prompts with that tokenizer's template again. A base without a chat template
 format TRL's setup_chat_format adds), the same one at training and at generation.
 """
 
-import json
 from pathlib import Path
 
 from utils.errors import CodeUpError
-from utils.files import read_json, read_text
+from utils.files import NOT_JSON, read_records
 from utils.logs import logger
-from utils.prompter import has_input, load_template, read_template_record, resolve_prompt_template
+from utils.prompter import CHAT, has_input, load_template, read_template_record, resolve_prompt_template
 from utils.tokenization import IGNORE_INDEX
 
-CHAT = "chat"
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 CHATML_TEMPLATE = (
@@ -51,7 +49,7 @@ def resolve_prompt_format(prompt_template: str | None, lora_weights=None):
         logger.warning(f"{lora_weights} was trained with the base's chat template; prompting it with "
                        f"{prompt_template!r} instead (leave --prompt_template out to use the training template)")
         return load_template(prompt_template)
-    return resolve_prompt_template(prompt_template, lora_weights)
+    return resolve_prompt_template(prompt_template, lora_weights=lora_weights)
 
 
 def chat_template_of(tokenizer) -> str:
@@ -85,11 +83,11 @@ class ChatPrompter:
             logger.warning("the base tokenizer has no chat template: using ChatML")
 
     def generate_prompt(self, instruction: str, input: str | None = None, label: str | None = None) -> str:
-        prompt = render_chat(self.tokenizer, [user_message(instruction, input)], add_generation_prompt=True)
+        prompt = render_chat(tokenizer=self.tokenizer, messages=[user_message(instruction, input)], add_generation_prompt=True)
         return prompt + label if label else prompt
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        return render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        return render_chat(tokenizer=self.tokenizer, messages=messages, add_generation_prompt=True)
 
     def response_from_continuation(self, text: str) -> str:
         for header in self.section_headers:
@@ -145,30 +143,12 @@ def read_conversations(paths: list[Path]) -> tuple[list[list[dict]], list[str]]:
     "file line N: why" problem per record skipped."""
     conversations, problems = [], []
     for path in paths:
-        for where, record in _records_with_lines(path):
+        for where, record in read_records(path, what="--data_path", bad_lines="keep"):
             try:
                 conversations.append(record_to_messages(record))
             except BadRecord as error:
                 problems.append(f"{path} {where}: {error}")
     return conversations, problems
-
-
-def _records_with_lines(path: Path):
-    """(where, record) pairs of a JSON list or JSON Lines file; a line that is not JSON is a bad record."""
-    text = read_text(path, what="--data_path")
-    if text.lstrip().startswith("["):  # a JSON list: records are numbered, not lined
-        records = read_json(path, what="--data_path")
-        yield from ((f"record {number}", record) for number, record in enumerate(records, start=1))
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError:
-                yield f"line {number}", NOT_JSON
-
-
-NOT_JSON = "(not valid JSON)"  # record_to_messages rejects it: not a JSON object
 
 
 # ---- tokenization ------------------------------------------------------------------------------
@@ -258,5 +238,5 @@ def load_chat_records(data_path):
 def chat_tokenizer_function(tokenizer, *, cutoff_len: int, train_on_inputs: bool):
     """The datasets.map function for chat records (finetune.py --prompt_template chat)."""
     def tokenize(record):
-        return tokenize_conversation(tokenizer, record["messages"], cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
+        return tokenize_conversation(tokenizer=tokenizer, messages=record["messages"], cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
     return tokenize

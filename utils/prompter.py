@@ -1,12 +1,10 @@
 """Prompt templates: build a prompt from a record, and cut the response out of generated text."""
 
-import json
-import os
 import re
 from pathlib import Path
 
 from utils.errors import CodeUpError
-from utils.files import read_json
+from utils.files import read_json, write_json
 from utils.logs import logger
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -56,12 +54,10 @@ def save_template_record(folder, *, name: str, template: dict) -> None:
     """Record in `folder` (an adapter or checkpoint) the template it was trained with."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{TEMPLATE_RECORD}.tmp"
-    temp.write_text(json.dumps({"name": name, "template": template}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temp, folder / TEMPLATE_RECORD)
+    write_json(folder / TEMPLATE_RECORD, {"name": name, "template": template})
 
 
-CHAT_RECORD_NAME = "chat"  # an adapter trained with the base tokenizer's own chat template
+CHAT = "chat"  # the prompt format of the base tokenizer's own chat template (a name, not a file)
 
 
 def read_template_record(lora_weights) -> dict | None:
@@ -76,7 +72,7 @@ def read_template_record(lora_weights) -> dict | None:
     record = read_json(path, what="prompt-template record")
     try:
         name = record["name"]
-        if name == CHAT_RECORD_NAME and record["template"] is None:
+        if name == CHAT and record["template"] is None:
             return {"name": name, "template": None}
         template = check_template(record["template"], source=str(path))
     except (KeyError, TypeError) as error:

@@ -7,6 +7,7 @@ def tokenize_for_training(
     tokenizer,
     prompt: str,
     response: str,
+    *,
     cutoff_len: int = 512,
     train_on_inputs: bool = False,
     add_eos_token: bool = True,

@@ -57,9 +57,9 @@ class MatmulCausalAttention(torch.autograd.Function):
         query = query.reshape(*batch, kv_heads, groups * length, dim)
         # Scaled and masked inside the matmul (the future's bias is -inf), in the inputs' dtype; the
         # softmax reads that and works in float32. For a power-of-two scale (head_dim 64: 1/8) the
-        # same bits as scaling and masking the float32 scores, at 0.65x the time of those three passes.
+        # same bits as scaling and masking the float32 scores, in less time (bench/RESULTS.md).
         queries, keys = query.reshape(-1, groups * length, dim), key.reshape(-1, length, dim)
-        bias = future_bias(length, groups, query.device, query.dtype).expand(queries.shape[0], -1, -1)
+        bias = future_bias(length=length, groups=groups, device=query.device, dtype=query.dtype).expand(queries.shape[0], -1, -1)
         scores = torch.baddbmm(bias, queries, keys.transpose(-1, -2), alpha=scale)
         probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).view(*batch, kv_heads, -1, length)
         output = torch.matmul(probabilities, value)
@@ -74,8 +74,8 @@ class MatmulCausalAttention(torch.autograd.Function):
         grad_output = grad_output.reshape(query.shape)
         grad_value = torch.matmul(probabilities.transpose(-1, -2), grad_output)  # sums over the group
         grad_probabilities = torch.matmul(grad_output, value.transpose(-1, -2))
-        # One pass where the float32 formula took five (cast, subtract, multiply, scale, cast back):
-        # 1.2% of a SmolLM2 training micro-step. The row sum is rowsum(dP ∘ P), not rowsum(dO ∘ O):
+        # One pass where the float32 formula took five (cast, subtract, multiply, scale, cast back;
+        # its share of a SmolLM2 micro-step: bench/RESULTS.md). The row sum is rowsum(dP ∘ P), not rowsum(dO ∘ O):
         # equal in exact arithmetic, rounded differently; the gradients are as close to a float64
         # reference as before (bench/RESULTS.md).
         grad_scores = torch.ops.aten._softmax_backward_data(grad_probabilities, probabilities, -1,
@@ -224,7 +224,7 @@ def per_example_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
     rows = []
     for positions, q, k, v in zip(position_ids.expand(query.shape[0], -1), *map(batch_rows, (query, key, value))):
         spans = example_spans(positions)
-        check_per_example_features(kwargs, max(end - start for start, end in spans))
+        check_per_example_features(kwargs, longest=max(end - start for start, end in spans))
         length = spans[0][1]
         if all(end - start == length for start, end in spans):
             # Examples of one length (a GPU benchmark, fixed-length data): one batched call.

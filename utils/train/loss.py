@@ -17,10 +17,11 @@ import contextlib
 
 import torch
 
-IGNORE_INDEX = -100
+from utils.tokenization import IGNORE_INDEX
+
 # Logits of at most this many elements exist at once: on a CPU 32 MB in float32 (170 tokens of a 49K
-# vocabulary: the head's matmuls there run at 340 GFLOP/s against 285 at 85 tokens, and the whole
-# loss takes 0.90x the time on 2 cores), on a GPU 128 MB (220 tokens of a 152K one: few kernel
+# vocabulary: chunks this large make the head's matmuls faster than smaller ones, bench/RESULTS.md),
+# on a GPU 128 MB (220 tokens of a 152K one: few kernel
 # launches and large enough matmuls).
 CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**25}
 # Architectures whose logits are exactly lm_head(final hidden states): no soft-capping (Gemma 2/3),

@@ -1,12 +1,12 @@
 """LoRA's input path, cheaper: its dropout on a CPU, and no float32 copy of its input under autocast.
 
 PEFT runs a LoRA layer as `lora_B(lora_A(dropout(x)))` with `nn.Dropout`, which on a CPU draws a
-float32 mask with `bernoulli_`: one 32-bit random number per element, 7% of a SmolLM2 training
-step (LoRA on q/v), more than all its elementwise arithmetic, and a 4-byte mask kept per element for
+float32 mask with `bernoulli_`: one 32-bit random number per element (more of a SmolLM2 training
+step than all its elementwise arithmetic: bench/RESULTS.md), and a 4-byte mask kept per element for
 the backward pass. `use_fast_lora_dropout` swaps in `LoraDropout`, which on a CPU draws 15 random
 bits per element (one 64-bit draw gives four) and turns them into a 0/1 mask in the input's dtype
 by integer arithmetic on 16-bit lanes: multiplying by that vectorizes where a boolean mask does
-not (forward 0.55 against 1.06 ms, backward 0.07 against 0.29 ms, at 700 x 576 bf16). The mask
+not (about twice as fast forward, more backward: bench/RESULTS.md). The mask
 kept for the backward pass is two bytes an element in half precision (four for a float32 input).
 
 What is computed is nn.Dropout's: each element is kept with probability 1 - p and multiplied by
@@ -22,7 +22,7 @@ PEFT also casts each LoRA layer's input to the adapter's dtype (float32) before 
 autocast the LoRA matmuls cast it straight back to bf16. `skip_lora_input_copies` keeps the input as
 it is there, on a CPU under autocast (elsewhere the cast stays; GPUs were not measured): the same
 forward to the last bit, gradients within bf16 rounding (the tests check both), and a SmolLM2
-training micro-batch 4% faster (bench/RESULTS.md).
+training micro-batch faster (bench/RESULTS.md).
 """
 
 import functools

@@ -6,9 +6,8 @@ Gemma's 1 + weight or OLMo2's, which differ) upcasts its bf16 input to float32 a
 the rest to autograd, whose backward runs through pow, mean, rsqrt and both casts and keeps float32
 copies of the hidden states for it. `RMSNormFunction` computes the same formula in fewer passes and
 keeps the bf16 input and one float32 per token. The same forward to the last bit, the input
-gradient within bf16 rounding (the tests compare each class; measured, it was bit-equal too).
-Forward + backward at 817 x 576 tokens on 2 cores: 1.9 against 2.9 ms, and a SmolLM2 micro-batch
-runs 61 norms. Elsewhere (a GPU, float32, a norm being trained) the module's own forward runs, and
+gradient within bf16 rounding (the tests compare each class; measured, it was bit-equal too), in
+about two thirds of the time (bench/RESULTS.md); a SmolLM2 micro-batch runs 61 norms. Elsewhere (a GPU, float32, a norm being trained) the module's own forward runs, and
 where the installed LlamaRMSNorm is not the code RMSNormFunction was tested against
 (utils/train/speedups/source_code.py) no norm is changed (utils/train/speedups/'s line says so).
 """
