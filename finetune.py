@@ -20,7 +20,6 @@ from pathlib import Path
 from utils.logs import logger, progress_bars_wanted  # first: it silences known-harmless notices the libraries print on import
 
 import torch
-import torch.distributed as dist
 import transformers
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -28,7 +27,7 @@ from utils.train.attention import PER_EXAMPLE_SDPA, per_example_limits
 from utils.chat_data import CHAT, chat_tokenizer_function, load_chat_records
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
-from utils.files import read_records, replacing, write_atomically
+from utils.files import read_records, replacing
 from utils.train.loss import head_of, head_skipped, linear_cross_entropy
 from utils.model_loading import (
     DEFAULT_BASE_MODEL,
@@ -40,12 +39,11 @@ from utils.model_loading import (
 )
 from utils.train.speedups.packed_weights import packed_weight_of
 from utils.precision import enable_tf32, resolve_precision, torch_dtype
-from utils.prompter import Prompter, load_template, save_template_record
+from utils.prompter import Prompter
+from utils.train.checkpoints import (CHECKPOINT_COMPLETE, MarkCompleteCheckpoints, find_checkpoint,  # noqa: F401
+                                     is_complete_checkpoint, record_prompt_template)  # (tests read them here)
 from utils.train.speedups import training_speedups
 from utils.tokenization import has_trainable_labels, tokenize_for_training
-
-CHECKPOINT_COMPLETE = "checkpoint_complete"  # written last into each checkpoint that is whole
-
 
 def train(
     *,
@@ -235,18 +233,6 @@ def memory_plan(*, precision: str, load_in_8bit, load_in_4bit: bool, gradient_ch
     return precision, load_in_8bit, gradient_checkpointing
 
 
-def record_prompt_template(trainer, *, prompt_template: str, output_dir: str) -> None:
-    """The template travels with the adapter: generate.py, evaluate.py and export_checkpoint.py
-    prompt it (and exports carry it as their chat template) exactly as it was trained. Written into
-    --output_dir now, and into each checkpoint before its completion marker, so that a checkpoint
-    marked whole always has its template."""
-    template_record = dict(name=Path(prompt_template).stem, template=None if prompt_template == CHAT
-                           else load_template(prompt_template))
-    if trainer.is_world_process_zero():
-        save_template_record(output_dir, **template_record)
-    trainer.callback_handler.callbacks.insert(0, RecordPromptTemplate(template_record))
-
-
 def save_outputs(trainer, *, output_dir: str) -> None:
     """The adapter (adapter_model.safetensors + adapter_config.json) and tokenizer, the trainer's
     state and loss.png; process 0 writes. With early stopping, the Trainer has loaded the best
@@ -367,37 +353,6 @@ def configure_reporting(*, report_to: str, wandb_project: str, wandb_watch: str,
     if report_to not in ("none", "tensorboard", "wandb"):
         raise CodeUpError(f"--report_to must be none, tensorboard or wandb, not {report_to!r}")
     return report_to
-
-
-def is_complete_checkpoint(folder: Path) -> bool:
-    return (folder / CHECKPOINT_COMPLETE).is_file()
-
-
-def find_checkpoint(resume_from_checkpoint, *, output_dir: str) -> str | None:
-    """The checkpoint folder to resume from: the one named, or with True the latest whole one in
-    output_dir. A checkpoint whose writing was interrupted has no completion marker and is skipped.
-    A folder named explicitly may lack the marker if it is a plain transformers checkpoint (one
-    written by another Trainer script): it must hold trainer_state.json, and is used with a warning."""
-    if resume_from_checkpoint in (None, False, "", "False", "false"):
-        return None
-    if resume_from_checkpoint in (True, "True", "true"):
-        folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                         if p.name.split("-")[-1].isdigit() else -1)
-        for folder in reversed(folders):
-            if is_complete_checkpoint(folder):
-                return str(folder)
-            logger.warning(f"skipping {folder}: its writing did not finish")
-        raise CodeUpError(f"--resume_from_checkpoint: no whole checkpoint in {output_dir}")
-    folder = Path(str(resume_from_checkpoint)).expanduser()
-    if not folder.is_dir():
-        raise CodeUpError(f"--resume_from_checkpoint: {folder} is not a folder")
-    if not is_complete_checkpoint(folder):
-        if not (folder / "trainer_state.json").is_file():
-            raise CodeUpError(f"--resume_from_checkpoint: {folder} is not a whole checkpoint "
-                              "(no trainer_state.json: its writing did not finish)")
-        logger.warning(f"{folder} has no {CHECKPOINT_COMPLETE} marker (a plain transformers checkpoint, or one "
-                      "whose writing was interrupted): resuming from it as asked")
-    return str(folder)
 
 
 def load_records(data_path: str):
@@ -617,29 +572,6 @@ class Trainer(transformers.Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss does
         return loss
-
-
-class RecordPromptTemplate(transformers.TrainerCallback):
-    """Writes the training prompt template into each checkpoint (a checkpoint is an adapter too)."""
-
-    def __init__(self, record: dict):
-        self.record = record
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            save_template_record(Path(args.output_dir) / f"checkpoint-{state.global_step}", **self.record)
-
-
-class MarkCompleteCheckpoints(transformers.TrainerCallback):
-    """Writes a marker into each checkpoint once every process has finished writing it, so that
-    resuming never picks a checkpoint that a killed process left half-written."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # the other processes' RNG states are in the folder too
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_atomically(folder / CHECKPOINT_COMPLETE, f"{state.global_step}\n")
 
 
 def plot_losses(log_history: list[dict], path: Path) -> None:
