@@ -1,0 +1,212 @@
+"""finetune_rl.py: problems in, bad input out in one line, the sandbox's verdict as the reward, and an
+adapter that the other stages take as they take finetune.py's."""
+
+import json
+import os
+
+import pytest
+
+import finetune_rl
+from conftest import SHARED_DATA
+from utils.cli import run_cli
+from utils.eval.multilingual import check_toolchain
+from utils.eval.programs import build_program, mbpp_problem
+from utils.eval.sandbox import run_programs
+from utils.errors import CodeUpError
+from utils.train import rewards
+
+MBPP = SHARED_DATA / "mbpp.jsonl"
+EASY = [
+    {"task_id": "double", "prompt": "Write a Python function `double(x)` that returns x times 2.",
+     "tests": "assert double(2) == 4\nassert double(0) == 0\n", "solution": "def double(x):\n    return 2 * x\n"},
+    {"task_id": "is_even", "prompt": "Write a Python function `is_even(n)` that returns True when n is even.",
+     "tests": "assert is_even(2)\nassert not is_even(3)\n"},
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def reward_of(problems, completions, *, reward="pass"):
+    scorer = rewards.SandboxReward(problems, response_of=lambda text: text, reward=reward, timeout=3.0)
+    ids = [task_id for task_id, _ in completions]
+    return scorer(completions=[text for _, text in completions], task_id=ids), scorer.pass_rate(task_id=ids)
+
+
+# ---- the reward ------------------------------------------------------------------------------------
+
+def test_python_reward_is_the_verdict_and_fraction_counts_asserts():
+    problems = [{**EASY[0], "tests": "assert double(2) == 4\nassert double(0) == 0\nassert double(1) == 3\n",
+                 "language": "python"}]
+    answers = [("double", "def double(x):\n    return 2 * x\n"), ("double", "def double(x):\n    return x\n"),
+               ("double", "def double(x) return"), ("double", "Here:\n```python\ndef double(x):\n    return 2 * x\n```\nIt doubles x.")]
+    scores, passed = reward_of(problems, answers)
+    assert scores == [0.0, 0.0, 0.0, 0.0] and passed == [0.0] * 4  # the third assert is wrong for everyone
+    scores, passed = reward_of(problems, answers, reward="fraction")
+    # 2x passes 2 of 3; x passes double(0) only; a syntax error none; the fenced 2x (prose around it) 2 of 3.
+    assert scores == pytest.approx([2 / 3, 1 / 3, 0.0, 2 / 3]) and passed == [0.0] * 4
+
+
+@pytest.mark.skipif(not MBPP.is_file(), reason="../shared/data is not here")
+def test_reward_equals_evaluates_verdict_on_mbpp_answers():
+    """The same answers to MBPP problems: reward (through an mbpp-train problem) == evaluate.py's verdict."""
+    tasks = [t for t in rewards.load_mbpp(str(MBPP)) if int(t["task_id"]) in (11, 12, 600, 601)]
+    answers = []
+    for task in tasks:
+        answers += [task["code"], "def nothing():\n    pass\n", task["code"].replace("return", "return None and", 1)]
+    problems = [rewards.mbpp_train_problem(t) for t in tasks]
+    completions = [(p["task_id"], a) for p in problems for a in answers[3 * problems.index(p):3 * problems.index(p) + 3]]
+    scores, _ = reward_of(problems, completions)
+    programs = [build_program("mbpp", mbpp_problem(t), a) for t in tasks for a in answers[3 * tasks.index(t):3 * tasks.index(t) + 3]]
+    verdicts = [float(o.passed) for o in run_programs(programs, progress=False)]
+    assert scores == verdicts and 1.0 in scores and 0.0 in scores
+
+
+def toolchain_here(key):
+    try:
+        check_toolchain(key, "multiple")
+        return True
+    except CodeUpError:
+        return False
+
+
+# Right, wrong, not compiling, never ending: per language (the tests follow the answer in one file).
+LANGUAGE_CASES = {
+    "js": ("const assert = require('assert');\nassert.strictEqual(add(1, 2), 3);\n",
+           ["function add(a, b) { return a + b; }", "function add(a, b) { return a - b; }",
+            "function add(a, b) { return a + ; }", "function add(a, b) { while (true) {} }"]),
+    "cpp": ("#include <cassert>\nint main() { assert(add(1, 2) == 3); return 0; }\n",
+            ["int add(int a, int b) { return a + b; }", "int add(int a, int b) { return a - b; }",
+             "int add(int a, int b) { return a + ; }", "int add(int a, int b) { while (true) {} return 0; }"]),
+    "go": ('import "testing"\nfunc TestAdd(t *testing.T) { if add(1, 2) != 3 { t.Fatal("wrong") } }\n',
+           ["func add(a int, b int) int { return a + b }", "func add(a int, b int) int { return a - b }",
+            "func add(a int, b int) int { return a + }", "func add(a int, b int) int { for {} }"]),
+    "rust": ("fn main() { assert_eq!(add(1, 2), 3); }\n",
+             ["fn add(a: i32, b: i32) -> i32 { a + b }", "fn add(a: i32, b: i32) -> i32 { a - b }",
+              "fn add(a: i32, b: i32) -> i32 { a + }", "fn add(a: i32, b: i32) -> i32 { loop {} }"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("language", sorted(LANGUAGE_CASES))
+def test_right_answers_score_1_and_wrong_broken_or_endless_ones_0(language):
+    if not toolchain_here(language):
+        if os.environ.get("CI"):
+            pytest.fail(f"{language}: toolchain missing in CI (setup.sh --toolchains)")
+        pytest.skip(f"{language}: toolchain not installed")
+    tests, answers = LANGUAGE_CASES[language]
+    problem = {"task_id": language, "prompt": "add", "tests": tests, "language": language}
+    scores, _ = reward_of([problem], [(language, a) for a in answers])
+    assert scores == [1.0, 0.0, 0.0, 0.0]
+
+
+HOSTILE = {
+    "fork": "import os\nwhile True:\n    os.fork()\n",
+    "sleep": "import time\ntime.sleep(30)\n",
+    "flood": "print('x' * 10**9)\n",
+    "write outside": "open('/tmp/codeup_rl_escaped', 'w').write('x')\n",
+    "socket": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\ndef double(x):\n    return 2 * x\n",
+    # This test's own process (the trainer's, in a run): invisible from the sandbox.
+    "other processes": f"open('/proc/{os.getpid()}/environ').read()\ndef double(x):\n    return 2 * x\n",
+}
+
+
+@pytest.mark.slow
+def test_hostile_answers_score_0_and_leave_nothing_behind():
+    escaped = "/tmp/codeup_rl_escaped"
+    if os.path.exists(escaped):
+        os.remove(escaped)
+    problems = [{**EASY[0], "language": "python"}]
+    scores, _ = reward_of(problems, [("double", code) for code in HOSTILE.values()] + [("double", EASY[0]["solution"])])
+    assert scores == [0.0] * len(HOSTILE) + [1.0]  # and the step went on: the last answer was still scored
+    assert not os.path.exists(escaped)
+
+
+# ---- problems ------------------------------------------------------------------------------------
+
+def test_problems_are_decontaminated_and_failing_solutions_dropped(tmp_path):
+    humaneval = rewards.load_humaneval()[0]
+    planted = {"task_id": "planted", "prompt": humaneval["prompt"], "tests": "assert True\n"}
+    broken = {"task_id": "broken", "prompt": "Return the last element.", "tests": "assert last([1, 2]) == 2\n",
+              "solution": "def last(xs):\n    return xs[0]\n"}
+    problems = rewards.load_problems(str(write_jsonl(tmp_path / "p.jsonl", [*EASY, planted, broken])), mbpp_path=str(MBPP))
+    kept, dropped = rewards.decontaminate(problems, sources=rewards.benchmark_sources(mbpp_path=str(MBPP), decontaminate_with=[]))
+    assert [p["task_id"] for p in kept] == ["double", "is_even", "broken"]
+    assert list(dropped.values()) == [["planted"]] and "HumanEval" in next(iter(dropped))
+    kept, failing = rewards.check_solutions(kept, timeout=3.0)
+    assert [p["task_id"] for p in kept] == ["double", "is_even"] and failing == ["broken"]
+
+
+@pytest.mark.skipif(not MBPP.is_file(), reason="../shared/data is not here")
+def test_mbpp_train_is_the_train_and_validation_splits_only():
+    problems = rewards.load_problems("mbpp-train", mbpp_path=str(MBPP))
+    ids = [int(p["task_id"].split("/")[1]) for p in problems]
+    assert min(ids) == 511 and max(ids) == 974 and len(ids) == 464
+    kept, dropped = rewards.decontaminate(problems, sources=rewards.benchmark_sources(mbpp_path=str(MBPP), decontaminate_with=[]))
+    assert len(kept) > 400  # the test split is not the train split: few overlap
+
+
+def run_rl(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(finetune_rl.main, argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "not found"),
+    ("binary", "not UTF-8 text"),
+    ("no tests", "no 'tests'"),
+    ("unknown language", "unknown language 'cobol'"),
+    ("all contaminated", "every problem overlaps a benchmark"),
+    ("one generation", "--num_generations must be at least 2"),
+    ("not an adapter", "no adapter_config.json"),
+])
+def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, case, expected):
+    monkeypatch.setattr(finetune_rl, "load_tokenizer", lambda *a, **k: pytest.fail("a model part loaded"))
+    data = write_jsonl(tmp_path / "p.jsonl", EASY)
+    argv = ["--data_path", str(data), "--mbpp_path", str(MBPP), "--output_dir", str(tmp_path / "out")]
+    if case == "missing":
+        argv[1] = str(tmp_path / "nothing.jsonl")
+    elif case == "binary":
+        data.write_bytes(b"\x00\x80\xff" * 50)
+    elif case == "no tests":
+        write_jsonl(data, [{"task_id": "x", "prompt": "p"}])
+    elif case == "unknown language":
+        write_jsonl(data, [{**EASY[0], "language": "cobol"}])
+    elif case == "all contaminated":
+        write_jsonl(data, [{"task_id": "he", "prompt": rewards.load_humaneval()[3]["prompt"], "tests": "assert True\n"}])
+    elif case == "one generation":
+        argv += ["--num_generations", "1"]
+    elif case == "not an adapter":
+        argv += ["--lora_weights", str(tmp_path)]
+    assert expected in run_rl(argv, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- a run ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_short_run_writes_an_adapter_the_other_stages_take(tmp_path, tiny_llama_dir):
+    import export_checkpoint
+    from utils.serve.generation import Generator
+
+    data = write_jsonl(tmp_path / "p.jsonl", EASY)
+    output = tmp_path / "rl"
+    finetune_rl.train(base_model=str(tiny_llama_dir), data_path=str(data), mbpp_path=str(MBPP), output_dir=str(output),
+                      max_steps=2, prompts_per_step=2, num_generations=2, max_completion_length=8, save_steps=1,
+                      precision="fp32")
+    state = json.loads((output / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "rewards/sandbox_pass/mean" in entry]
+    assert len(logged) == 2 and all(0.0 <= e["rewards/pass_rate/mean"] <= 1.0 for e in logged)
+    assert (output / "reward.png").stat().st_size > 0 and (output / "checkpoint-2" / "checkpoint_complete").is_file()
+    assert json.loads((output / "prompt_template.json").read_text())["name"] == "alpaca"
+    generator = Generator(str(tiny_llama_dir), str(output))
+    assert generator.prompter.template["prompt_no_input"].startswith("Below is an instruction")
+    export_checkpoint.main(base_model=str(tiny_llama_dir), lora_weights=str(output), output_dir=str(tmp_path / "export"),
+                           precision="float32")
+    assert (tmp_path / "export" / "hf_ckpt" / "config.json").is_file()
