@@ -8,17 +8,17 @@
 
 The steps: load the problems, ask the model (the instruction template, batched generation) for
 n_samples answers per problem, pull the code out of each answer, build each program with the
-problem's tests under the benchmark's own convention (utils/eval/multilingual.py for the other
-languages), compile and run it in the sandbox (utils/eval/sandbox.py), and estimate pass@k with the
-Codex paper's unbiased estimator. Writes {output_dir}/{task}_samples.jsonl and {task}_results.json
-per task, and for the multilingual tasks a bar chart of pass@1 by language (pass_at_1.png).
+problem's tests under the benchmark's own convention (utils/eval/programs.py, the assembly the RL
+stage's rewards use too; utils/eval/multilingual.py for the other languages), compile and run it in
+the sandbox (utils/eval/sandbox.py), and estimate pass@k with the Codex paper's unbiased estimator.
+Writes {output_dir}/{task}_samples.jsonl and {task}_results.json per task, and for the
+multilingual tasks a bar chart of pass@1 by language (pass_at_1.png).
 Where the machine has no sandbox (not root, and no bubblewrap: resource limits only), it refuses
 to run model-written code, before any generation, unless --allow_unsandboxed is given.
 """
 
 import json
 import os
-import re
 import tempfile
 import time
 from collections import defaultdict
@@ -30,15 +30,14 @@ from utils.logs import logger, progress_bars_wanted  # first: known-harmless lib
 from utils.eval.benchmarks import load_humaneval, load_mbpp
 from utils.cli import parse_list, resolve_api_key, run_cli
 from utils.eval import multilingual
+from utils.eval.programs import MBPP_TEST_IDS, build_program, extract_code, mbpp_problem
 from utils.errors import CodeUpError
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
 from utils.eval.sandbox import Limits, isolation, run_programs
 
-MBPP_TEST_IDS = range(11, 511)  # the standard test split
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with the whole function in a "
                          "```python code block.")
-FENCED_BLOCK = re.compile(r"```[ \t]*[\w+#.-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 # ---- problems and prompts ------------------------------------------------------------------
@@ -70,57 +69,6 @@ def read_mbpp(mbpp_path: str) -> list[dict]:
         return list(load_dataset(mbpp_path, split="test"))
     except Exception as error:
         raise CodeUpError(f"--mbpp_path {mbpp_path}: not a file, and the hub said: {str(error).splitlines()[0]}") from None
-
-
-def mbpp_problem(task: dict) -> dict:
-    """The task text plus its first test, which shows the function's name and signature."""
-    tests = list(task["test_list"])
-    name = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", tests[0])
-    signature = f" The function is called `{name.group(1)}`." if name else ""
-    instruction = f"{task['text']}{signature} Your code should pass this test:\n{tests[0]}"
-    return {"task_id": f"MBPP/{task['task_id']}", "instruction": instruction, "input": "",
-            "tests": tests, "setup": task.get("test_setup_code", "") or "", "reference": task.get("code", "")}
-
-
-# ---- code extraction and the programs ------------------------------------------------------
-
-def extract_code(response: str, problem: dict | None = None) -> str:
-    """The code in a response: its first fenced block that defines the problem's function (a
-    Python `def` for HumanEval and MBPP), else the first fenced block, else the whole response."""
-    blocks = FENCED_BLOCK.findall(response)
-    if not blocks:
-        return response
-    if problem and problem.get("language"):
-        defining = [b for b in blocks if multilingual.defines_function(problem["language"], b, problem["entry_point"])]
-    else:
-        defining = [b for b in blocks if "def " in b]
-    return (defining or blocks)[0]
-
-
-def defines(code: str, name: str) -> bool:
-    return re.search(rf"^def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
-
-
-def humaneval_program(problem: dict, code: str) -> str:
-    """A whole function replaces the prompt's stub (the prompt stays: it may define helpers and
-    imports); a function body completes the prompt."""
-    if defines(code, problem["entry_point"]):
-        body = problem["prompt"] + "    pass\n\n" + code
-    else:
-        body = problem["prompt"] + code
-    return f"{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-
-
-def mbpp_program(problem: dict, code: str) -> str:
-    # The setup may use what the solution defines (MBPP/367 builds trees of its Node class).
-    return "\n".join([code, problem["setup"], *problem["tests"]]) + "\n"
-
-
-def build_program(task: str, problem: dict, code: str, timeout: float = 3.0):
-    """What the sandbox runs: Python source (HumanEval, MBPP), or a compile-and-run Job."""
-    if multilingual.is_multilingual(task):
-        return multilingual.build_job(problem, code, timeout)
-    return humaneval_program(problem, code) if task == "humaneval" else mbpp_program(problem, code)
 
 
 # ---- pass@k -----------------------------------------------------------------------------------

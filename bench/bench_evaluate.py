@@ -30,14 +30,14 @@ sys.path.insert(0, str(ROOT))
 
 import fire  # noqa: E402
 
-import evaluate  # noqa: E402
 from utils.eval.benchmarks import load_humaneval  # noqa: E402
 from utils.eval import multilingual  # noqa: E402
+from utils.eval.programs import humaneval_program  # noqa: E402
 from utils.eval.sandbox import RESULT_FILE, SANDBOX_PATH, Limits, isolation, run_programs  # noqa: E402
 
 
 def ours(problems, workers):
-    programs = [evaluate.humaneval_program(p, p["canonical_solution"]) for p in problems]
+    programs = [humaneval_program(p, p["canonical_solution"]) for p in problems]
     started = time.perf_counter()
     outcomes = run_programs(programs, Limits(timeout=3.0), workers=workers, progress=False)
     return time.perf_counter() - started, sum(o.passed for o in outcomes)

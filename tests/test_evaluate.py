@@ -13,6 +13,7 @@ from conftest import ROOT, SHARED_DATA
 
 import evaluate  # noqa: E402
 from utils.eval.benchmarks import load_humaneval
+from utils.eval.programs import humaneval_program
 from utils.eval.sandbox import harness_uids, isolation
 
 MBPP = SHARED_DATA / "mbpp.jsonl"
@@ -95,7 +96,7 @@ def test_a_whole_function_or_a_body_both_complete_the_prompt():
     body = problem["canonical_solution"]
     whole = "def truncate_number(number: float) -> float:\n" + body
     for code in (body, whole):
-        assert evaluate.run_programs([evaluate.humaneval_program(problem, code)], progress=False)[0].passed
+        assert evaluate.run_programs([humaneval_program(problem, code)], progress=False)[0].passed
 
 
 @pytest.mark.skipif(not MBPP.is_file(), reason="../shared/data is not here")
