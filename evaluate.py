@@ -18,8 +18,6 @@ to run model-written code, before any generation, unless --allow_unsandboxed is 
 """
 
 import json
-import os
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +30,7 @@ from utils.cli import parse_list, resolve_api_key, run_cli
 from utils.eval import multilingual
 from utils.eval.programs import MBPP_TEST_IDS, build_program, extract_code, mbpp_problem
 from utils.errors import CodeUpError
-from utils.files import read_jsonl
+from utils.files import read_jsonl, replacing, write_atomically, write_json
 from utils.model_loading import DEFAULT_BASE_MODEL
 from utils.eval.sandbox import Limits, isolation, run_programs
 
@@ -166,19 +164,6 @@ def read_samples(samples_file: str, problems: list[dict], tasks: list[str] | Non
     return samples
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file whole or not at all (a temp file beside it, then a rename), as every stage does."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-
-
 def task_results(task: str, samples: list[dict], outcomes: list, ks: list[int]) -> dict:
     passed_by_task = defaultdict(list)
     for sample, outcome in zip(samples, outcomes):
@@ -221,16 +206,11 @@ def plot_pass_at_1(all_results: list[dict], path: Path, model: str) -> None:
     axes.set_ylim(0, 100)
     axes.set_title(f"pass@1 by language: {model}"[:90], fontsize=9)
     figure.tight_layout()
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temp, dpi=120)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
+        with replacing(path) as temp:
+            figure.savefig(temp, dpi=120)
     finally:
         plt.close(figure)
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def require_a_sandbox(allow_unsandboxed: bool) -> None:
@@ -362,10 +342,10 @@ def main(
         results = {"task": name, "model": model, **{key: v for key, v in results.items() if key != "task"},
                    "settings": settings, "seconds": round(time.time() - started, 1)}
         all_results.append(results)
-        write_atomic(output / f"{name}_samples.jsonl",
-                     "".join(json.dumps({key: v for key, v in s.items() if key != "task"}, ensure_ascii=False) + "\n"
-                             for s in task_samples))
-        write_atomic(output / f"{name}_results.json", json.dumps(results, indent=2) + "\n")
+        write_atomically(output / f"{name}_samples.jsonl",
+                         "".join(json.dumps({key: v for key, v in s.items() if key != "task"}, ensure_ascii=False) + "\n"
+                                 for s in task_samples))
+        write_json(output / f"{name}_results.json", results)
     seconds = round(time.time() - started, 1)
     if any(multilingual.is_multilingual(name) for name in tasks) or len(tasks) > 1:
         plot_pass_at_1(all_results, output / "pass_at_1.png", model)

@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, SHARED_DATA
 
 import evaluate  # noqa: E402
+from utils import files
 from utils.eval import multilingual
 from utils.errors import CodeUpError
 from utils.eval.sandbox import harness_uids, isolation, run_programs
@@ -459,14 +460,14 @@ def test_main_job_scores_a_second_language_and_shows_both(tiny_llama_dir, tmp_pa
 def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     target = tmp_path / "humaneval_results.json"
     target.write_text("the previous results")
-    evaluate.write_atomic(target, "new results")
+    files.write_atomically(target, "new results")
     assert target.read_text() == "new results"
 
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(evaluate.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError):
-        evaluate.write_atomic(target, "half-written results")
+        files.write_atomically(target, "half-written results")
     assert target.read_text() == "new results"
     assert [p.name for p in tmp_path.iterdir()] == ["humaneval_results.json"]  # no temp file left
