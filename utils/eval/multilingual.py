@@ -123,7 +123,7 @@ def humanevalx_problem(row: dict, key: str) -> dict:
     problem = {"task_id": row["task_id"], "benchmark": "humanevalx", "language": key, "prompt": row["prompt"],
                "tests": row["test"], "declaration": row.get("declaration", ""),
                "test_setup": row.get("test_setup", ""), "canonical_solution": row.get("canonical_solution", ""),
-               "signature": last_line(row["declaration"] if key == "rust" else row["prompt"]), "input": shown}
+               "signature": last_nonblank_line(row["declaration"] if key == "rust" else row["prompt"]), "input": shown}
     problem["entry_point"] = function_name(key, problem["signature"])
     problem["instruction"] = instruction_for(language)
     return problem
@@ -148,11 +148,12 @@ def signature_line(prompt: str, key: str) -> str:
     the `my (...) = @_;` line after `sub name {`)."""
     if key == "perl":
         subs = [line for line in prompt.splitlines() if line.strip().startswith("sub ")]
-        return subs[-1] if subs else last_line(prompt)
-    return last_line(prompt)
+        return subs[-1] if subs else last_nonblank_line(prompt)
+    return last_nonblank_line(prompt)
 
 
-def last_line(text: str) -> str:
+def last_nonblank_line(text: str) -> str:
+    """The text's last line that is not blank ("" when there is none)."""
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
@@ -481,7 +482,7 @@ def rust_crates() -> dict:
                                capture_output=True, text=True)
         if built.returncode != 0:
             raise CodeUpError(f"cannot build the rand/regex/md5 crates HumanEval-X's Rust tests use: "
-                              f"{last_line(built.stderr)} (apt-get install {LANGUAGES['rust'].packages})")
+                              f"{last_nonblank_line(built.stderr)} (apt-get install {LANGUAGES['rust'].packages})")
         for path in [folder, *folder.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o755 if path.is_dir() else path.stat().st_mode | 0o644)
         found = {name: sorted(deps.glob(f"lib{name}-*.rlib")) for name in ("rand", "regex", "md5")}

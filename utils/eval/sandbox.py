@@ -339,11 +339,12 @@ def give_to(work: Path, uid: int | None) -> None:
         os.chown(path, uid, NOBODY_GID, follow_symlinks=False)
 
 
-def last_line(text: str, returncode: int | None) -> str:
-    # The last line that says something (node ends its error reports with its version).
-    # The last line that names an error (SomethingError: ..., Exception in ...); else the last one
-    # that is not indented (stack frames are); else the last line.
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("Node.js v")]
+def failure_message(error_tail: str, returncode: int | None) -> str:
+    """The one line that says why a step failed, from the end of its output: the last line that
+    names an error (SomethingError: ..., Exception in ...); else the last one that is not indented
+    (stack frames are); else the last line; "exit status N" when it printed nothing. Node ends its
+    error reports with its version (Node.js v...): that line never counts."""
+    lines = [line for line in error_tail.splitlines() if line.strip() and not line.startswith("Node.js v")]
     errors = [line for line in lines if re.match(r"[\w.$]*(?:Error|Exception)\b", line)]
     unindented = [line for line in lines if not line[0].isspace()]
     return (errors or unindented or lines)[-1] if lines else f"exit status {returncode}"
@@ -366,7 +367,7 @@ def run_job(job: Job, slot: int = 0) -> Outcome:
             returncode, timed_out, error_tail = run_step(job.compile, work_dir, compiler_uid, mode, "compile", slot)
             if timed_out or returncode != 0:
                 message = (f"compile timed out after {job.compile.limits.timeout:g} s" if timed_out
-                           else last_line(error_tail, returncode))
+                           else failure_message(error_tail, returncode))
                 return Outcome(False, "compile error", message[: job.compile.limits.output_bytes],
                                time.perf_counter() - started)
         give_to(work, uid)
@@ -385,9 +386,9 @@ def run_job(job: Job, slot: int = 0) -> Outcome:
         # falls back to a crash: what it printed (e.g. "Assertion ... failed") says more.
         message = f"killed by {signal.Signals(-returncode).name}"
         if error_tail:
-            message += f": {last_line(error_tail, returncode)}"
+            message += f": {failure_message(error_tail, returncode)}"
     else:
-        message = last_line(error_tail, returncode)
+        message = failure_message(error_tail, returncode)
     return Outcome(False, "failed", message[: job.run.limits.output_bytes], seconds)
 
 
