@@ -14,7 +14,8 @@ from conftest import ROOT, SHARED_DATA
 import evaluate  # noqa: E402
 from utils.eval.benchmarks import load_humaneval
 from utils.eval.programs import humaneval_program
-from utils.eval.sandbox import harness_uids, isolation
+from utils.eval.sandbox import isolation
+from test_sandbox_isolation import harness_uids  # the uid registry's tests say how to read it
 
 MBPP = SHARED_DATA / "mbpp.jsonl"
 
@@ -209,7 +210,7 @@ def test_hostile_programs_fail_and_harm_nothing(tmp_path):
         assert not sandbox_processes(harness_pid)
 
 
-def sandbox_processes(harness_pid=None):
+def sandbox_processes(harness_pid):
     uids = harness_uids(harness_pid)
     return [p for p in psutil.process_iter(["uids", "status"])
             if p.info["uids"] and p.info["uids"].real in uids and p.info["status"] != psutil.STATUS_ZOMBIE]

@@ -22,7 +22,8 @@ import evaluate  # noqa: E402
 from utils import files
 from utils.eval import multilingual
 from utils.errors import CodeUpError
-from utils.eval.sandbox import harness_uids, isolation, run_programs
+from utils.eval import sandbox
+from utils.eval.sandbox import isolation, run_programs
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "humaneval-x").is_dir() or not (SHARED_DATA / "multipl-e").is_dir(),
                                 reason="../shared/data/humaneval-x and multipl-e are not here")
@@ -384,7 +385,7 @@ def hostile_programs(canary, port, harness_pid):
 
 
 def sandbox_processes():
-    uids = harness_uids()  # this test process runs the programs itself
+    uids = sandbox.block_uids(sandbox.uid_block())  # this test process runs the programs itself
     return [p for p in psutil.process_iter(["uids", "status"])
             if p.info["uids"] and p.info["uids"].real in uids and p.info["status"] != psutil.STATUS_ZOMBIE]
 

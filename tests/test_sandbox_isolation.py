@@ -19,7 +19,7 @@ import evaluate  # noqa: E402
 from utils.eval import sandbox
 from utils.eval.benchmarks import load_humaneval
 from utils.cli import run_cli
-from utils.eval.sandbox import harness_uids, isolation, run_programs
+from utils.eval.sandbox import isolation, run_programs
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and the uid registry need root")
 
@@ -186,6 +186,19 @@ def test_a_registry_that_others_can_write_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(sandbox, "UID_REGISTRY", loose)
     with pytest.raises(OSError, match="mode 700"):
         sandbox.uid_registry()
+
+
+def harness_uids(pid: int) -> range:
+    """Every uid the sandbox of harness process `pid` may run programs as: the block whose file in
+    the registry records that pid (empty until the harness claims one)."""
+    try:
+        for entry in os.scandir(sandbox.UID_REGISTRY):
+            with open(entry.path, "rb") as file:
+                if file.read().strip() == str(pid).encode():
+                    return sandbox.block_uids(int(entry.name))
+    except OSError:
+        pass
+    return range(0)
 
 
 def run_evaluate_in_background(*args):

@@ -31,13 +31,13 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils.errors import CodeUpError
 from utils.files import read_jsonl
+from utils.logs import logger
 from utils.eval.sandbox import RESULT_FILE, Job, Limits, Step, python_job
 
 JAVATUPLES = "/usr/share/java/javatuples.jar"
@@ -466,8 +466,8 @@ def rust_crates() -> dict:
     deps = folder / "target" / "release" / "deps"
     found = {name: sorted(deps.glob(f"lib{name}-*.rlib")) for name in ("rand", "regex", "md5")}
     if not all(found.values()) or not folder.is_dir() or folder.stat().st_uid != os.geteuid():
-        print(f"Building the rand, regex and md5 crates for HumanEval-X's Rust tests into {folder} "
-              "(once, offline, about 30 s)", file=sys.stderr)
+        logger.info(f"Building the rand, regex and md5 crates for HumanEval-X's Rust tests into {folder} "
+                    "(once, offline, about 30 s)")
         shutil.rmtree(folder, ignore_errors=True)
         (folder / "src").mkdir(parents=True)
         (folder / ".cargo").mkdir()

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NOBODY_UID = NOBODY_GID = 65534
+NOBODY_GID = 65534  # nogroup: the group the sandbox uids run as and own their files with
 RESULT_FILE = ".codeup_result"
 # Programs run as uids SANDBOX_UID_BASE + 256 * block + slot, and their compilers as that + 128 (at
 # most 128 slots): no account uses them. `block` is the harness's own: claimed in UID_REGISTRY (a
@@ -185,28 +185,13 @@ def probe_isolation() -> str:
 def sandbox_uid(slot: int, compiler: bool = False) -> int:
     """The uid of worker slot `slot`: its own process budget, files and signals. Compilers run as
     another uid, so a program cannot tamper with the build cache its slot's later programs use."""
-    return (SANDBOX_UID_BASE + 2 * SLOTS_PER_HARNESS * uid_block() + slot % SLOTS_PER_HARNESS
-            + (SLOTS_PER_HARNESS if compiler else 0))
+    return block_uids(uid_block())[slot % SLOTS_PER_HARNESS + (SLOTS_PER_HARNESS if compiler else 0)]
 
 
 def block_uids(block: int) -> range:
+    """The uids of a block: its program uids (one per slot), then its compiler uids."""
     first = SANDBOX_UID_BASE + 2 * SLOTS_PER_HARNESS * block
     return range(first, first + 2 * SLOTS_PER_HARNESS)
-
-
-def harness_uids(pid: int | None = None) -> range:
-    """Every uid the sandbox of harness process `pid` (default: this one) may run programs as (the
-    block it holds, or held last, in the registry; empty when it never claimed one)."""
-    if pid is None or pid == os.getpid():
-        return block_uids(uid_block())
-    try:
-        for entry in os.scandir(UID_REGISTRY):
-            with open(entry.path, "rb") as file:
-                if file.read().strip() == str(pid).encode():
-                    return block_uids(int(entry.name))
-    except OSError:
-        pass
-    return range(0)
 
 
 _uid_block: list = []
@@ -238,7 +223,7 @@ def claim_uid_block() -> tuple[int, int]:
     """(block, the descriptor that holds it): the first block whose file in the registry no other
     process has locked. The lock (flock) stays while the descriptor is open, that is until this
     process ends, however it ends: then the block is free for the next harness. The file records
-    the holder's pid (harness_uids reads it)."""
+    the holder's pid, which tells whose a block is."""
     folder = uid_registry()
     start = os.getpid() % UID_BLOCKS  # where the search starts; the lock decides
     for offset in range(UID_BLOCKS):
@@ -261,8 +246,8 @@ _slot_caches_lock = threading.Lock()
 
 def slot_cache(slot: int, uid: int | None) -> str:
     """A folder that the compile steps of one worker slot share for this whole run (Go's build
-    cache: warm, a Go test compiles in half a second instead of five); owned by the slot's
-    compiler uid, removed at exit."""
+    cache: warm, a Go test compiles many times faster than cold); owned by the slot's compiler uid,
+    removed at exit."""
     with _slot_caches_lock:
         if "root" not in _slot_caches:
             _slot_caches["root"] = tempfile.mkdtemp(prefix="codeup-slot-caches-")
@@ -424,11 +409,11 @@ def run_programs(programs: list, limits: Limits = Limits(), workers: int | None 
 # ---- The launcher -------------------------------------------------------------------------------
 # Starting a program takes work between fork and exec: limits, namespaces, mounts, the uid switch.
 # Done by the harness (Popen's preexec_fn), that is a fork of the harness itself, and a harness with
-# torch imported (~350 MB resident) takes 25-45 ms to fork, against 1-2 ms without torch: more than
-# a HumanEval program takes to run. So each worker slot has a launcher instead: this very file run
-# as a process of its own with the standard library only (-I -S, ~20 MB), started once, that forks
-# one child per step and makes the system calls that `unshare` and `setpriv` made (two execs a step
-# fewer). It takes one JSON request per line on stdin and answers one JSON line on stdout; the
+# torch imported is large and slow to fork, many times slower than without torch and longer than a
+# HumanEval program takes to run (measured: bench/RESULTS.md). So each worker slot has a launcher
+# instead: this very file run as a small process of its own with the standard library only (-I -S),
+# started once, that forks one child per step and makes the system calls that `unshare` and
+# `setpriv` made (two execs a step fewer). It takes one JSON request per line on stdin and answers one JSON line on stdout; the
 # slot's thread waits for the answer.
 
 
