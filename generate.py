@@ -27,9 +27,9 @@ import torch
 
 from utils.cli import resolve_api_key, run_cli
 from utils.errors import CodeUpError
-from utils.serve.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
+from utils.serve.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
 from utils.serve.openai_api import API_KEY_ENV, KeyGate
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -44,36 +44,27 @@ def build_demo(generator: Generator, *, base_model: str = DEFAULT_BASE_MODEL, lo
     answering in Markdown (highlighted code, copy buttons); one generation at a time."""
     import gradio as gr
 
+    # Gradio calls this with the form's values in order and names the /generate API's parameters
+    # after these: they stay positional (and their names unchanged) for the API's clients.
     def generate(instruction, input, temperature, top_p, top_k, num_beams, max_new_tokens, stream_output):
         if not instruction or not str(instruction).strip():
             yield EMPTY_INSTRUCTION
             return
         settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams,
                         max_new_tokens=max_new_tokens)
-        if stream_output and clamp(num_beams, BEAMS, int) > 1:
+        if stream_output and clamp(num_beams, limits=BEAMS, cast=int) > 1:
             gr.Warning(BEAMS_DO_NOT_STREAM)
             stream_output = False
-        if stream_output:
-            yield from generator.stream(instruction, input, **settings)
-        else:
-            yield generator.answer(instruction, input, **settings)
+        answers = (generator.stream(instruction, input=input, **settings) if stream_output
+                   else [generator.answer(instruction, input=input, **settings)])
+        yield from answers
 
     def chat(message, history, temperature, max_new_tokens):
-        """A multi-turn conversation, rendered with the model's prompt (its chat template for
-        chat-tuned models); the answer grows as it streams."""
         if not str(message).strip():
             yield EMPTY_INSTRUCTION
             return
-        messages = [{"role": turn["role"], "content": message_text(turn["content"])} for turn in history
-                    if turn.get("role") in ("user", "assistant")] + [{"role": "user", "content": str(message)}]
-        answer = ""
-        for piece in generator.stream_completion(
-                generator.chat_prompt(messages), temperature=clamp(temperature, TEMPERATURE, float), top_p=TOP_P[2],
-                max_new_tokens=clamp(max_new_tokens, MAX_NEW_TOKENS, int)):
-            if isinstance(piece, str):
-                answer += piece
-                yield answer
-        yield answer
+        yield from chat_answers(generator, message=str(message), history=history, temperature=temperature,
+                                max_new_tokens=max_new_tokens)
 
     instruction_form = gr.Interface(
         fn=generate,
@@ -113,6 +104,22 @@ def build_demo(generator: Generator, *, base_model: str = DEFAULT_BASE_MODEL, lo
     return demo
 
 
+def chat_answers(generator: Generator, *, message: str, history, temperature, max_new_tokens):
+    """The Chat tab's answer to `message` after `history` (Gradio's messages), growing as it streams,
+    then whole: the conversation rendered with the model's prompt (its chat template for chat-tuned
+    models)."""
+    messages = [{"role": turn["role"], "content": message_text(turn["content"])} for turn in history
+                if turn.get("role") in ("user", "assistant")] + [{"role": "user", "content": message}]
+    answer = ""
+    for piece in generator.stream_completion(
+            generator.chat_prompt(messages), temperature=clamp(temperature, limits=TEMPERATURE, cast=float),
+            top_p=TOP_P[2], max_new_tokens=clamp(max_new_tokens, limits=MAX_NEW_TOKENS, cast=int)):
+        if isinstance(piece, str):
+            answer += piece
+            yield answer
+    yield answer
+
+
 def message_text(content) -> str:
     """A chat message's text (Gradio hands content as a string or a list of typed parts)."""
     if isinstance(content, str):
@@ -135,7 +142,9 @@ def read_prompts(path: Path) -> list[tuple[str, str]]:
     return records
 
 
-def answer_file(generator, records, output_file, batch_size, settings):
+def answer_file(generator, *, records, output_file, batch_size, settings):
+    """Answers `records` in batches of `batch_size`, one JSONL line each (instruction, input,
+    response) written as its batch ends."""
     from tqdm.auto import tqdm
 
     output = Path(output_file)
@@ -144,7 +153,8 @@ def answer_file(generator, records, output_file, batch_size, settings):
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
             for (instruction, input), response in zip(batch, generator.answer_batch(batch, **settings)):
-                lines.write(json.dumps({"instruction": instruction, "input": input, "response": response}, ensure_ascii=False) + "\n")
+                lines.write(json.dumps({"instruction": instruction, "input": input, "response": response},
+                                       ensure_ascii=False) + "\n")
             bar.update(len(batch))
     print(f"Wrote {len(records)} answers to {output}")
 
@@ -209,17 +219,11 @@ def main(
         max_prompt_tokens: the longest prompt the API accepts, in tokens (default: the model's
             context minus the request's max_tokens); longer ones get a 400.
     """
-    if prompts_file and not output_file:
-        raise CodeUpError("--prompts_file needs --output_file")
-    if batch_size < 1:
-        raise CodeUpError("--batch_size must be at least 1")
+    check_flags(prompts_file=prompts_file, output_file=output_file, batch_size=batch_size, max_queue=max_queue,
+                max_prompt_tokens=max_prompt_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, max_new_tokens=max_new_tokens)
-    if max_queue < 1:
-        raise CodeUpError("--max_queue must be at least 1")
-    if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
-        raise CodeUpError("--max_prompt_tokens must be a whole number of at least 1")
     # A bad prompts file is reported before the model loads (minutes for a large one).
     records = read_prompts(Path(prompts_file)) if prompts_file else None
     scripted = bool(str(instruction).strip()) or bool(prompts_file)
@@ -227,11 +231,12 @@ def main(
     if not scripted:
         warn_about_exposure(key=key, server_name=server_name, server_port=server_port, share_gradio=share_gradio,
                             api_only=api_only)
-    generator = Generator(base_model, lora_weights or None, load_in_8bit, prompt_template)
+    generator = Generator(base_model, lora_weights=lora_weights or None, load_in_8bit=load_in_8bit,
+                          prompt_template=prompt_template)
     if prompts_file:
-        return answer_file(generator, records, output_file, batch_size, settings)
+        return answer_file(generator, records=records, output_file=output_file, batch_size=batch_size, settings=settings)
     if str(instruction).strip():
-        print(generator.answer(str(instruction), str(input), **settings))
+        print(generator.answer(str(instruction), input=str(input), **settings))
         return None
     if share_gradio:
         launch_page(build_demo(generator, base_model=base_model, lora_weights=lora_weights).queue(max_size=max_queue),
@@ -241,6 +246,18 @@ def main(
           api_model_name=api_model_name, max_queue=max_queue, server_name=server_name, server_port=server_port,
           max_prompt_tokens=max_prompt_tokens)
     return None
+
+
+def check_flags(*, prompts_file, output_file, batch_size, max_queue, max_prompt_tokens) -> None:
+    """The flags' values that cannot work, refused in one line before anything loads."""
+    if prompts_file and not output_file:
+        raise CodeUpError("--prompts_file needs --output_file")
+    if batch_size < 1:
+        raise CodeUpError("--batch_size must be at least 1")
+    if max_queue < 1:
+        raise CodeUpError("--max_queue must be at least 1")
+    if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+        raise CodeUpError("--max_prompt_tokens must be a whole number of at least 1")
 
 
 def launch_page(demo, *, api_key, server_name, server_port, share, **launch_options):
@@ -273,7 +290,7 @@ def warn_about_exposure(*, key, server_name, server_port, share_gradio, api_only
                        f"can use {routes}; set a key with --api_key_file")
 
 
-def served_model_name(base_model: str, lora_weights: str) -> str:
+def served_model_name(base_model: str, *, lora_weights: str) -> str:
     return Path(str(lora_weights or base_model).rstrip("/")).name or str(base_model)
 
 
@@ -285,8 +302,8 @@ def serve(generator, *, base_model, lora_weights, api_only, api_key, api_model_n
 
     from utils.serve.openai_api import OpenAIServer, build_app
 
-    name = api_model_name or served_model_name(base_model, lora_weights)
-    app = build_app(OpenAIServer(generator, name, api_key=api_key, max_queue=max_queue,
+    name = api_model_name or served_model_name(base_model, lora_weights=lora_weights)
+    app = build_app(OpenAIServer(generator, model_name=name, api_key=api_key, max_queue=max_queue,
                                  max_prompt_tokens=max_prompt_tokens))
     if not api_only:
         import gradio as gr

@@ -47,7 +47,7 @@ class FirstTokenClock(BaseStreamer):
         pass
 
 
-def plain_generate(generator, settings, seed):
+def plain_generate(generator, *, settings, seed):
     """model.generate on the same prompt and GenerationConfig; (new tokens, seconds, time to first token)."""
     prompt = generator.prompter.generate_prompt(INSTRUCTION)
     inputs = generator.tokenizer([prompt], return_tensors="pt")
@@ -61,7 +61,7 @@ def plain_generate(generator, settings, seed):
     return output.shape[1] - inputs["input_ids"].shape[1], seconds, clock.first_token_at - started
 
 
-def ours_stream(generator, settings, seed):
+def ours_stream(generator, *, settings, seed):
     """Generator.stream as the page uses it; (new tokens, seconds, time to first visible text)."""
     new_tokens = []
     original = generator.model.generate
@@ -82,7 +82,7 @@ def ours_stream(generator, settings, seed):
     return new_tokens[0], seconds, first
 
 
-def batched_throughput(generator, batch_size, max_new_tokens):
+def batched_throughput(generator, *, batch_size, max_new_tokens):
     records = [(instruction, "") for instruction in BATCH_INSTRUCTIONS]
     settings = dict(temperature=0, max_new_tokens=max_new_tokens)
     count = lambda answers: sum(len(generator.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
@@ -90,19 +90,19 @@ def batched_throughput(generator, batch_size, max_new_tokens):
     answers = [a for i in range(0, len(records), batch_size) for a in generator.answer_batch(records[i:i + batch_size], **settings)]
     batched = (count(answers), time.perf_counter() - started)
     started = time.perf_counter()
-    answers = [generator.answer(instruction, input, **settings) for instruction, input in records]
+    answers = [generator.answer(instruction, input=input, **settings) for instruction, input in records]
     single = (count(answers), time.perf_counter() - started)
     return batched, single
 
 
-def direct_stream(generator, prompt, settings):
+def direct_stream(generator, *, prompt, settings):
     """Generator.stream_completion as the API calls it; (new tokens, seconds)."""
     started = time.perf_counter()
     completion = [item for item in generator.stream_completion(prompt, **settings) if not isinstance(item, str)][0]
     return completion.completion_tokens, time.perf_counter() - started
 
 
-def api_stream(client, messages, settings):
+def api_stream(client, *, messages, settings):
     """The same request through /v1/chat/completions, streamed; (new tokens from usage, seconds to [DONE])."""
     started = time.perf_counter()
     tokens = None
@@ -115,7 +115,7 @@ def api_stream(client, messages, settings):
     return tokens, time.perf_counter() - started
 
 
-def api_row(generator, max_new_tokens, repeats):
+def api_row(generator, *, max_new_tokens, repeats):
     import socket
 
     import uvicorn
@@ -126,7 +126,7 @@ def api_row(generator, max_new_tokens, repeats):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(OpenAIServer(generator, "bench")), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(build_app(OpenAIServer(generator, model_name="bench")), host="127.0.0.1", port=port,
                                            log_level="warning"))
     import threading
 
@@ -139,12 +139,12 @@ def api_row(generator, max_new_tokens, repeats):
     rows = []
     for name, settings in (("greedy", dict(temperature=0.0, top_p=1.0)), ("sampled (T=0.7, top-p 0.9)", dict(temperature=0.7, top_p=0.9))):
         settings.update(max_new_tokens=max_new_tokens, seed=0)
-        direct_stream(generator, prompt, settings)  # warm-up
+        direct_stream(generator, prompt=prompt, settings=settings)  # warm-up
         direct, api = [], []
         for repeat in range(repeats):  # alternate, so that drift hits both
             settings["seed"] = repeat
-            direct.append(direct_stream(generator, prompt, settings))
-            api.append(api_stream(client, messages, settings))
+            direct.append(direct_stream(generator, prompt=prompt, settings=settings))
+            api.append(api_stream(client, messages=messages, settings=settings))
         direct_tps = statistics.median(tokens / seconds for tokens, seconds in direct)
         api_tps = statistics.median(tokens / seconds for tokens, seconds in api)
         rows.append((name, statistics.median(tokens for tokens, _ in api), direct_tps, api_tps, 1 - api_tps / direct_tps))
@@ -163,7 +163,7 @@ def main(base_model: str = "smollm2-135m", max_new_tokens: int = 128, repeats: i
          batch_max_new_tokens: int = 64, api_row_only: bool = False):
     generator = Generator(base_model)
     if api_row_only:
-        rows = api_row(generator, max_new_tokens, repeats)
+        rows = api_row(generator, max_new_tokens=max_new_tokens, repeats=repeats)
         print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, model {base_model} (float32), "
               f"max_new_tokens {max_new_tokens}, {repeats} alternating repeats (medians)\n")
         print_api_rows(rows)
@@ -171,16 +171,17 @@ def main(base_model: str = "smollm2-135m", max_new_tokens: int = 128, repeats: i
     rows = []
     for name, settings in (("greedy", dict(temperature=0)), ("sampled (T=0.7, top-p 0.9)", dict(temperature=0.7, top_p=0.9))):
         settings["max_new_tokens"] = max_new_tokens
-        plain_generate(generator, settings, 0)  # warm-up
+        plain_generate(generator, settings=settings, seed=0)  # warm-up
         plain, ours = [], []
         for repeat in range(repeats):  # alternate, so that drift hits both
-            plain.append(plain_generate(generator, settings, repeat))
-            ours.append(ours_stream(generator, settings, repeat))
+            plain.append(plain_generate(generator, settings=settings, seed=repeat))
+            ours.append(ours_stream(generator, settings=settings, seed=repeat))
         median = lambda runs, f: statistics.median(f(r) for r in runs)
         plain_tps, ours_tps = median(plain, lambda r: r[0] / r[1]), median(ours, lambda r: r[0] / r[1])
         rows.append((name, median(plain, lambda r: r[0]), plain_tps, ours_tps, 1 - ours_tps / plain_tps,
                      median(plain, lambda r: r[2]), median(ours, lambda r: r[2])))
-    (batched_tokens, batched_s), (single_tokens, single_s) = batched_throughput(generator, batch_size, batch_max_new_tokens)
+    (batched_tokens, batched_s), (single_tokens, single_s) = batched_throughput(
+        generator, batch_size=batch_size, max_new_tokens=batch_max_new_tokens)
 
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, model {base_model} (float32), "
           f"max_new_tokens {max_new_tokens}, {repeats} alternating repeats (medians)")
@@ -197,7 +198,7 @@ def main(base_model: str = "smollm2-135m", max_new_tokens: int = 128, repeats: i
     print(f"| one at a time | {single_tokens} | {single_s:.1f} | {single_tokens / single_s:.1f} |")
     print(f"\nbatching speed-up: {(batched_tokens / batched_s) / (single_tokens / single_s):.2f}x")
     print()
-    print_api_rows(api_row(generator, max_new_tokens, repeats))
+    print_api_rows(api_row(generator, max_new_tokens=max_new_tokens, repeats=repeats))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def test_eight_streaming_clients_finish_while_the_page_answers(smollm2_server):
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_worker(smollm2_server):
-    # Counting without end: 2000 tokens would take over a minute on a CPU.
+    # Counting without end: 2000 tokens would keep a CPU busy far longer than this test waits.
     with httpx.stream("POST", smollm2_server["base"] + "/v1/completions", timeout=60,
                       json={"model": "smollm2-135m", "prompt": "1, 2, 3, 4, 5,", "temperature": 0,
                             "max_tokens": 2000, "stream": True}) as response:
@@ -196,7 +196,7 @@ def test_prompts_beyond_the_context_or_max_prompt_tokens_get_400(smollm2_server,
 
 
 def test_a_non_streaming_client_that_leaves_frees_the_worker(smollm2_server):
-    """Its generation (2000 tokens: over a minute on a CPU) stops when it goes away, so the next
+    """Its generation (2000 tokens: long on a CPU) stops when it goes away, so the next
     request is answered at once."""
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(smollm2_server["base"] + "/v1/completions", timeout=httpx.Timeout(60, read=3),

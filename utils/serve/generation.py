@@ -27,13 +27,24 @@ BEAMS = (1, 4, 1)
 MAX_NEW_TOKENS = (1, 2000, 512)
 
 
-def clamp(value, limits, cast):
+def clamp(value, *, limits, cast):
+    """`value` as `cast`, within (minimum, maximum, default) `limits`; the default when it is not a number."""
     low, high, default = limits
     try:
         value = cast(value)
     except (TypeError, ValueError):
         return default
     return min(max(value, low), high)
+
+
+def clamp_settings(*, temperature=TEMPERATURE[2], top_p=TOP_P[2], top_k=TOP_K[2], num_beams=BEAMS[2],
+                   max_new_tokens=MAX_NEW_TOKENS[2]) -> dict:
+    """The page's settings, clamped to its controls' ranges (the CLI's and the form's values)."""
+    return dict(temperature=clamp(temperature, limits=TEMPERATURE, cast=float),
+                top_p=clamp(top_p, limits=TOP_P, cast=float),
+                top_k=clamp(top_k, limits=TOP_K, cast=int),
+                num_beams=clamp(num_beams, limits=BEAMS, cast=int),
+                max_new_tokens=clamp(max_new_tokens, limits=MAX_NEW_TOKENS, cast=int))
 
 
 class CancelOnEvent(StoppingCriteria):
@@ -69,16 +80,14 @@ class Generator:
         if self.chat:
             self.prompter = ChatPrompter(self.tokenizer)
         if lora_weights:
-            self.model = load_adapter(self.model, lora_weights, base_model, merge=not load_in_8bit)
+            self.model = load_adapter(self.model, lora_weights=lora_weights, base_model=base_model,
+                                      merge=not load_in_8bit)
         self.model.eval()
         self.lock = threading.Lock()
 
-    def settings(self, temperature=TEMPERATURE[2], top_p=TOP_P[2], top_k=TOP_K[2], num_beams=BEAMS[2],
-                 max_new_tokens=MAX_NEW_TOKENS[2]) -> GenerationConfig:
-        """The page's settings, clamped to its controls' ranges."""
-        return self.config(temperature=clamp(temperature, TEMPERATURE, float), top_p=clamp(top_p, TOP_P, float),
-                           top_k=clamp(top_k, TOP_K, int), num_beams=clamp(num_beams, BEAMS, int),
-                           max_new_tokens=clamp(max_new_tokens, MAX_NEW_TOKENS, int))
+    def settings(self, **settings) -> GenerationConfig:
+        """The page's settings (clamp_settings), as a generation config."""
+        return self.config(**clamp_settings(**settings))
 
     def config(self, *, temperature, top_p, top_k=0, num_beams=1, max_new_tokens, stop=()) -> GenerationConfig:
         sample = temperature > 0  # temperature 0 means greedy
@@ -95,14 +104,14 @@ class Generator:
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
-    def _inputs(self, prompts, add_special_tokens=None):
+    def _inputs(self, prompts, *, add_special_tokens=None):
         # Chat text carries its special tokens already (the template writes them).
         if add_special_tokens is None:
             add_special_tokens = not self.chat
         return self.tokenizer(prompts, return_tensors="pt", padding=True,
                               add_special_tokens=add_special_tokens).to(self.model.device)
 
-    def count_tokens(self, prompt: str, add_special_tokens=None) -> int:
+    def count_tokens(self, prompt: str, *, add_special_tokens=None) -> int:
         """The prompt's length in tokens, as generation will see it."""
         if add_special_tokens is None:
             add_special_tokens = not self.chat
@@ -142,18 +151,22 @@ class Generator:
                 parts[0] = self.prompter.generate_prompt(f"{system}\n\n{user}", label=answer)
         return "\n\n".join([*parts, self.prompter.generate_prompt(pending or "")])
 
-    def stream_completion(self, prompt: str, *, temperature: float, top_p: float, max_new_tokens: int, stop=(),
-                          seed=None, cancel: threading.Event | None = None, add_special_tokens=None, strip=True):
-        """The API's generation: yields text deltas, then one Completion. The deltas join to the
-        Completion's text: text that may still become a stop string, or trailing space that the
-        final answer strips, is held back until it is certain. `cancel` ends it early (the client
-        left); a request cancelled while it waits for the lock does not generate at all. strip:
-        the answer without surrounding space, as the page's (False for raw completions)."""
+    def stream_completion(self, prompt: str, *, temperature: float, top_p: float, max_new_tokens: int, top_k=0,
+                          num_beams=1, stop=(), seed=None, cancel: threading.Event | None = None,
+                          add_special_tokens=None, strip=True):
+        """The one streaming generation (the API's, and the page's through `stream`): yields text
+        deltas, then one Completion. The deltas join to the Completion's text: text that may still
+        become a stop string or a template section, or trailing space that the final answer strips,
+        is held back until it is certain, so what was shown never has to be taken back. `cancel`
+        ends it early (the client left); a request cancelled while it waits for the lock does not
+        generate at all. strip: the answer without surrounding space, as the page's (False for raw
+        completions)."""
         stop = [s for s in stop if s]
         cancel = cancel or threading.Event()
-        inputs = self._inputs([prompt], add_special_tokens)
+        inputs = self._inputs([prompt], add_special_tokens=add_special_tokens)
         prompt_tokens = inputs["input_ids"].shape[1]
-        config = self.config(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=stop)
+        config = self.config(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams,
+                             max_new_tokens=max_new_tokens, stop=stop)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         outcome = {}
 
@@ -178,7 +191,7 @@ class Generator:
             try:
                 for piece in streamer:
                     text += piece
-                    visible = self._settled(text, stop, strip)
+                    visible = self._settled(text, stop=stop, strip=strip)
                     if len(visible) > len(sent):
                         yield visible[len(sent):]
                         sent = visible
@@ -187,21 +200,23 @@ class Generator:
                 worker.join()
         if "error" in outcome:
             raise outcome["error"]
-        final = self._cut(text, stop).strip() if strip else self._cut(text, stop)
+        answer = self._cut(text, stop=stop)
+        final = answer.strip() if strip else answer
         if final[len(sent):]:
             yield final[len(sent):]
-        stopped = len(self._cut(text, stop)) < len(text) or outcome["tokens"] < max_new_tokens
-        yield Completion(final, prompt_tokens, outcome["tokens"], "stop" if stopped else "length")
+        stopped = len(answer) < len(text) or outcome["tokens"] < max_new_tokens
+        yield Completion(text=final, prompt_tokens=prompt_tokens, completion_tokens=outcome["tokens"],
+                         finish_reason="stop" if stopped else "length")
 
-    def _cut(self, text: str, stop) -> str:
+    def _cut(self, text: str, *, stop) -> str:
         """The answer in generated text: up to the template's next section or a caller's stop string."""
         for marker in [*self.prompter.section_headers, *stop]:
             text = text.split(marker, 1)[0]
         return text
 
-    def _settled(self, text: str, stop, strip: bool) -> str:
+    def _settled(self, text: str, *, stop, strip: bool) -> str:
         """The part of the answer so far that no later token can change."""
-        answer = self._cut(text, stop).lstrip() if strip else self._cut(text, stop)
+        answer = self._cut(text, stop=stop).lstrip() if strip else self._cut(text, stop=stop)
         for marker in [*self.prompter.section_headers, *stop]:  # a stop string may be half-written
             for size in range(min(len(marker) - 1, len(answer)), 0, -1):
                 if answer.endswith(marker[:size]):
@@ -210,11 +225,12 @@ class Generator:
         return answer.rstrip() if strip else answer
 
     def answer(self, instruction, input=None, **settings) -> str:
+        """The response to one instruction (the page's settings: clamp_settings)."""
         return self.answer_batch([(instruction, input)], **settings)[0]
 
     def answer_batch(self, records, **settings) -> list[str]:
         """Responses to (instruction, input) pairs, generated together (left padding)."""
-        prompts = [self.prompter.generate_prompt(instruction, input) for instruction, input in records]
+        prompts = [self.prompter.generate_prompt(instruction, input=input) for instruction, input in records]
         inputs = self._inputs(prompts)
         with self.lock, torch.no_grad():
             output = self.model.generate(**inputs, generation_config=self.settings(**settings), tokenizer=self.tokenizer)
@@ -222,46 +238,19 @@ class Generator:
         return [self.prompter.response_from_continuation(text) for text in continuations]
 
     def stream(self, instruction, input=None, **settings):
-        """Yields the response as it grows, token by token."""
-        inputs = self._inputs([self.prompter.generate_prompt(instruction, input)])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        cancel = threading.Event()
-        failure = []
-
-        def run():
-            try:
-                with torch.no_grad():
-                    self.model.generate(**inputs, generation_config=self.settings(**settings), tokenizer=self.tokenizer,
-                                        streamer=streamer, stopping_criteria=StoppingCriteriaList([CancelOnEvent(cancel)]))
-            except Exception as error:  # surfaced in the caller's thread below
-                failure.append(error)
-                streamer.end()
-
-        with self.lock:
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
-            text = ""
-            try:
-                for piece in streamer:
-                    text += piece
-                    yield self.visible_response(text)
-            finally:
-                cancel.set()  # the consumer stopped early: end the generation too
-                worker.join()
-        if failure:
-            raise failure[0]
-        yield self.prompter.response_from_continuation(text)
-
-    def visible_response(self, text: str) -> str:
-        """The response so far, without a trailing half-written section header ("### Ins")."""
-        response = self.prompter.response_from_continuation(text)
-        last_line = response.rsplit("\n", 1)[-1].strip()
-        if last_line.startswith("#") and any(h.startswith(last_line) for h in self.prompter.section_headers):
-            response = response[: len(response) - len(last_line)].rstrip()
-        return response
+        """Yields the response as it grows, then the whole response (the page's Instruction form):
+        stream_completion's deltas joined, with the page's settings (clamp_settings)."""
+        prompt = self.prompter.generate_prompt(instruction, input=input)
+        text = ""
+        for piece in self.stream_completion(prompt, **clamp_settings(**settings)):
+            if isinstance(piece, Completion):
+                yield piece.text
+            else:
+                text += piece
+                yield text
 
 
-def load_adapter(model, lora_weights: str, base_model: str, *, merge: bool):
+def load_adapter(model, *, lora_weights: str, base_model: str, merge: bool):
     """The model with the LoRA adapter in `lora_weights`. merge: add the adapter into the base
     weights in memory (a full-precision base): generation then runs the base's matmuls only, not
     the adapter's extra two per adapted layer and token; a quantized base keeps it beside them."""

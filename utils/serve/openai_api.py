@@ -65,15 +65,17 @@ def presents_key(headers, api_key: str | None) -> bool:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
+    """An HTTP status and an error in OpenAI's shape: message, type (`kind`), code, param."""
+
+    def __init__(self, status: int, message: str, *, kind: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.kind, self.code, self.param)
+        return error_response(self.status, message=self.message, kind=self.kind, code=self.code, param=self.param)
 
 
-def error_response(status, message, kind, code=None, param=None) -> JSONResponse:
+def error_response(status, *, message, kind, code=None, param=None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
@@ -114,7 +116,8 @@ class Message(BaseModel):
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text ones are understood
             if any(part.get("type") != "text" for part in self.content):
-                raise ApiError(400, "only text content parts are supported", "invalid_request_error", param="messages")
+                raise ApiError(400, "only text content parts are supported", kind="invalid_request_error",
+                               param="messages")
             return "".join(str(part.get("text", "")) for part in self.content)
         return self.content or ""
 
@@ -142,7 +145,7 @@ class CompletionRequest(Sampling):
 class OpenAIServer:
     """Routes for one Generator served under one model name."""
 
-    def __init__(self, generator: Generator, model_name: str, api_key: str | None = None, max_queue: int = 64,
+    def __init__(self, generator: Generator, *, model_name: str, api_key: str | None = None, max_queue: int = 64,
                  max_prompt_tokens: int | None = None):
         self.generator, self.model_name, self.api_key, self.max_queue = generator, model_name, api_key, max_queue
         self.max_prompt_tokens = max_prompt_tokens
@@ -172,9 +175,9 @@ class OpenAIServer:
         return route
 
     def check_key(self, request: Request) -> None:
-        if not presents_key(request.headers, self.api_key):
+        if not presents_key(request.headers, api_key=self.api_key):
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer YOUR_KEY'.",
-                           "invalid_request_error", "invalid_api_key")
+                           kind="invalid_request_error", code="invalid_api_key")
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "codeup"}
@@ -188,25 +191,27 @@ class OpenAIServer:
         return JSONResponse(self.model_card())
 
     async def unknown_route(self, request: Request):
-        raise ApiError(404, f"Unknown route {request.method} {request.url.path}", "invalid_request_error", "unknown_url")
+        raise ApiError(404, f"Unknown route {request.method} {request.url.path}", kind="invalid_request_error",
+                       code="unknown_url")
 
     def unknown_model(self, name) -> ApiError:
         return ApiError(404, f"The model {name!r} does not exist; this server serves {self.model_name!r}.",
-                        "invalid_request_error", "model_not_found", "model")
+                        kind="invalid_request_error", code="model_not_found", param="model")
 
     async def chat_completions(self, request: Request):
-        body = await self.parse(request, ChatRequest)
+        body = await self.parse(request, schema=ChatRequest)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         if messages[-1]["role"] != "user":
-            raise ApiError(400, "the last message must be the user's", "invalid_request_error", param="messages")
+            raise ApiError(400, "the last message must be the user's", kind="invalid_request_error", param="messages")
         prompt = self.generator.chat_prompt(messages)
-        return await self.respond(request, body, prompt, chat=True, add_special_tokens=None, strip=True)
+        return await self.respond(request, body=body, prompt=prompt, chat=True, add_special_tokens=None, strip=True)
 
     async def completions(self, request: Request):
-        body = await self.parse(request, CompletionRequest)
-        return await self.respond(request, body, body.prompt, chat=False, add_special_tokens=True, strip=False)
+        body = await self.parse(request, schema=CompletionRequest)
+        return await self.respond(request, body=body, prompt=body.prompt, chat=False, add_special_tokens=True,
+                                  strip=False)
 
-    async def parse(self, request: Request, schema):
+    async def parse(self, request: Request, *, schema):
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise self.too_large()
@@ -218,19 +223,21 @@ class OpenAIServer:
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"The body is not valid JSON: {error}", "invalid_request_error") from error
+            raise ApiError(400, f"The body is not valid JSON: {error}", kind="invalid_request_error") from error
         try:
             body = schema.model_validate(data)
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
-            raise ApiError(400, f"{where}: {first['msg']}", "invalid_request_error", param=where or None) from error
+            raise ApiError(400, f"{where}: {first['msg']}", kind="invalid_request_error",
+                           param=where or None) from error
         if body.model != self.model_name:
             raise self.unknown_model(body.model)
         return body
 
     def too_large(self) -> ApiError:
-        return ApiError(413, f"The body is larger than {MAX_BODY_BYTES} bytes.", "invalid_request_error", "request_too_large")
+        return ApiError(413, f"The body is larger than {MAX_BODY_BYTES} bytes.", kind="invalid_request_error",
+                        code="request_too_large")
 
     # ---- generation: one worker thread per request, the Generator's lock orders them ----------
 
@@ -238,14 +245,14 @@ class OpenAIServer:
         with self.admitted_lock:
             if self.admitted >= self.max_queue + 1:  # one generating, max_queue waiting
                 raise ApiError(429, f"The server is busy: {self.max_queue} requests are waiting. Retry later.",
-                               "rate_limit_error", "queue_full")
+                               kind="rate_limit_error", code="queue_full")
             self.admitted += 1
 
     def release(self) -> None:
         with self.admitted_lock:
             self.admitted -= 1
 
-    def start(self, prompt: str, settings: dict):
+    def start(self, prompt: str, *, settings: dict):
         """Runs the generation in a thread; returns (queue of deltas then a Completion or an
         exception, the cancel event)."""
         loop = asyncio.get_running_loop()
@@ -269,32 +276,34 @@ class OpenAIServer:
         threading.Thread(target=work, daemon=True, name="openai-api-request").start()
         return queue, cancel
 
-    async def token_budget(self, body: Sampling, prompt: str, *, chat: bool, add_special_tokens) -> int:
+    async def token_budget(self, body: Sampling, *, prompt: str, chat: bool, add_special_tokens) -> int:
         """The answer's max_new_tokens, once the prompt is known to fit: at most --max_prompt_tokens
         (when set) and, with max_tokens, at most the model's context (a 400 in OpenAI's shape
         otherwise); without max_tokens the default is cut to what the context leaves."""
-        prompt_tokens = await asyncio.to_thread(self.generator.count_tokens, prompt, add_special_tokens)
+        prompt_tokens = await asyncio.to_thread(self.generator.count_tokens, prompt,
+                                                add_special_tokens=add_special_tokens)
         requested = body.max_completion_tokens or body.max_tokens
         context = self.generator.context_length()
         param = "messages" if chat else "prompt"
         if self.max_prompt_tokens is not None and prompt_tokens > self.max_prompt_tokens:
             raise ApiError(400, f"The prompt has {prompt_tokens} tokens; this server accepts at most "
-                                f"{self.max_prompt_tokens}.", "invalid_request_error", "context_length_exceeded", param)
+                                f"{self.max_prompt_tokens}.",
+                           kind="invalid_request_error", code="context_length_exceeded", param=param)
         if context is None:
             return requested or DEFAULT_MAX_TOKENS
         if prompt_tokens + (requested or 1) > context:
             raise ApiError(400, f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens}"
                                 + (f" and max_tokens asks for {requested} more." if requested else "."),
-                           "invalid_request_error", "context_length_exceeded", param)
+                           kind="invalid_request_error", code="context_length_exceeded", param=param)
         return requested or min(DEFAULT_MAX_TOKENS, context - prompt_tokens)
 
-    async def respond(self, request: Request, body: Sampling, prompt: str, *, chat: bool, add_special_tokens, strip):
-        max_new_tokens = await self.token_budget(body, prompt, chat=chat, add_special_tokens=add_special_tokens)
+    async def respond(self, request: Request, *, body: Sampling, prompt: str, chat: bool, add_special_tokens, strip):
+        max_new_tokens = await self.token_budget(body, prompt=prompt, chat=chat, add_special_tokens=add_special_tokens)
         settings = dict(body.settings(), max_new_tokens=max_new_tokens, add_special_tokens=add_special_tokens, strip=strip)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        queue, cancel = self.start(prompt, settings)
+        queue, cancel = self.start(prompt, settings=settings)
         if not body.stream:
-            watcher = asyncio.ensure_future(cancel_on_disconnect(request, cancel))
+            watcher = asyncio.ensure_future(cancel_on_disconnect(request, cancel=cancel))
             try:
                 while not isinstance(item := await queue.get(), (Completion, Exception, type(None))):
                     pass
@@ -302,19 +311,21 @@ class OpenAIServer:
                 cancel.set()  # a client that left stops the generation too
                 watcher.cancel()
             if item is None:  # the client left before its answer: nobody to answer
-                raise ApiError(499, "The client closed the request.", "invalid_request_error", "client_closed_request")
+                raise ApiError(499, "The client closed the request.", kind="invalid_request_error",
+                               code="client_closed_request")
             if isinstance(item, Exception):
-                raise ApiError(500, f"generation failed: {item}", "server_error") from item
+                raise ApiError(500, f"generation failed: {item}", kind="server_error") from item
             text = (prompt + item.text) if getattr(body, "echo", False) else item.text
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": item.finish_reason}
                       if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": item.finish_reason})
             return JSONResponse({"id": request_id, "object": "chat.completion" if chat else "text_completion",
                                  "created": int(time.time()), "model": self.model_name, "choices": [choice],
                                  "usage": usage(item)})
-        return StreamingResponse(self.events(queue, cancel, request_id, chat, body), media_type="text/event-stream",
+        return StreamingResponse(self.events(queue, cancel=cancel, request_id=request_id, chat=chat, body=body),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def events(self, queue, cancel, request_id, chat, body):
+    async def events(self, queue, *, cancel, request_id, chat, body):
         """Server-sent events: a first role delta (chat), the text deltas, the finish_reason, usage when
         asked for (stream_options.include_usage), then [DONE]. Cancelled when the client leaves."""
         created = int(time.time())
@@ -353,7 +364,7 @@ class OpenAIServer:
             cancel.set()  # the client disconnected (or the stream ended): free the worker
 
 
-async def cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
+async def cancel_on_disconnect(request: Request, *, cancel: threading.Event) -> None:
     """Sets `cancel` when the client of a non-streaming request goes away: its generation (or its
     wait for the model) ends at the next token, and the next request starts."""
     while True:
@@ -415,45 +426,46 @@ class KeyGate:
         path = scope.get("path", "")
         if scope["type"] == "http" and path == LOGIN_PATH:
             return await self.login(scope, receive, send)
-        if presents_key(headers, self.api_key) or (scope.get("method") == "GET" and path in self.open_paths):
+        if presents_key(headers, api_key=self.api_key) or (scope.get("method") == "GET" and path in self.open_paths):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
         wants_page = scope.get("method") in ("GET", "HEAD") and "text/html" in headers.get("accept", "") \
             and not path.startswith("/v1")
         if wants_page:
-            return await self.page(send, 401, "")
-        await send_response(send, 401, "application/json", json.dumps(
+            return await self.page(send, status=401, message="")
+        await send_response(send, status=401, content_type="application/json", body=json.dumps(
             {"error": {"message": "Incorrect or missing API key: send 'Authorization: Bearer YOUR_KEY'.",
                        "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}).encode(),
-                            [(b"www-authenticate", b"Bearer")])
+                            extra_headers=[(b"www-authenticate", b"Bearer")])
 
-    async def page(self, send, status: int, message: str):
+    async def page(self, send, *, status: int, message: str):
         html = LOGIN_PAGE.format(message=message, action=LOGIN_PATH)
-        await send_response(send, status, "text/html; charset=utf-8", html.encode(),
-                            [(b"cache-control", b"no-store")])
+        await send_response(send, status=status, content_type="text/html; charset=utf-8", body=html.encode(),
+                            extra_headers=[(b"cache-control", b"no-store")])
 
     async def login(self, scope, receive, send):
         """GET: the form. POST: the key typed in; right, the session cookie and the page; wrong, the
         form again (401)."""
         if scope.get("method") != "POST":
-            return await self.page(send, 200, "")
+            return await self.page(send, status=200, message="")
         body = bytearray()
         while True:
             message = await receive()
             body += message.get("body", b"")
             if len(body) > MAX_LOGIN_BODY:
-                return await send_response(send, 413, "text/plain", b"request too large")
+                return await send_response(send, status=413, content_type="text/plain", body=b"request too large")
             if message["type"] == "http.disconnect" or not message.get("more_body"):
                 break
         from urllib.parse import parse_qs
 
         typed = (parse_qs(body.decode("utf-8", errors="replace")).get("key") or [""])[0].strip()
         if not hmac.compare_digest(typed.encode(), self.api_key.encode()):
-            return await self.page(send, 401, '<p class="error" role="alert">Wrong key.</p>')
+            return await self.page(send, status=401, message='<p class="error" role="alert">Wrong key.</p>')
         cookie = f"{SESSION_COOKIE}={session_token(self.api_key)}; Path=/; HttpOnly; SameSite=Strict"
-        await send_response(send, 303, "text/plain", b"", [(b"location", b"/"), (b"set-cookie", cookie.encode()),
-                                                           (b"cache-control", b"no-store")])
+        await send_response(send, status=303, content_type="text/plain", body=b"",
+                            extra_headers=[(b"location", b"/"), (b"set-cookie", cookie.encode()),
+                                           (b"cache-control", b"no-store")])
 
 
 def request_headers(scope) -> dict:
@@ -465,7 +477,7 @@ def request_headers(scope) -> dict:
     return headers
 
 
-async def send_response(send, status: int, content_type: str, body: bytes, extra_headers=()):
+async def send_response(send, *, status: int, content_type: str, body: bytes, extra_headers=()):
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
                             *extra_headers]})
