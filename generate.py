@@ -29,6 +29,7 @@ from utils.cli import resolve_api_key, run_cli
 from utils.errors import CodeUpError
 from utils.files import read_jsonl
 from utils.model_loading import DEFAULT_BASE_MODEL
+from utils.serve.display import page_markdown
 from utils.serve.generation import BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Generator, clamp
 from utils.serve.openai_api import API_KEY_ENV, KeyGate
 
@@ -41,7 +42,8 @@ BEAMS_DO_NOT_STREAM = "Beam search cannot stream: the answer appears when it is 
 
 def build_demo(generator: Generator, *, base_model: str = DEFAULT_BASE_MODEL, lora_weights: str = ""):
     """The page: a single-turn Instruction form (its /generate API unchanged) and a Chat tab, both
-    answering in Markdown (highlighted code, copy buttons); one generation at a time."""
+    answering in Markdown (copy buttons; code as highlighted code, fenced by the model or not:
+    utils/serve/display.py); one generation at a time."""
     import gradio as gr
 
     # Gradio calls this with the form's values in order and names the /generate API's parameters
@@ -57,14 +59,16 @@ def build_demo(generator: Generator, *, base_model: str = DEFAULT_BASE_MODEL, lo
             stream_output = False
         answers = (generator.stream(instruction, input=input, **settings) if stream_output
                    else [generator.answer(instruction, input=input, **settings)])
-        yield from answers
+        for answer in answers:
+            yield page_markdown(answer, instruction=str(instruction))
 
     def chat(message, history, temperature, max_new_tokens):
         if not str(message).strip():
             yield EMPTY_INSTRUCTION
             return
-        yield from chat_answers(generator, message=str(message), history=history, temperature=temperature,
-                                max_new_tokens=max_new_tokens)
+        for answer in chat_answers(generator, message=str(message), history=history, temperature=temperature,
+                                   max_new_tokens=max_new_tokens):
+            yield page_markdown(answer, instruction=str(message))
 
     instruction_form = gr.Interface(
         fn=generate,
@@ -233,6 +237,7 @@ def main(
                             api_only=api_only)
     generator = Generator(base_model, lora_weights=lora_weights or None, load_in_8bit=load_in_8bit,
                           prompt_template=prompt_template)
+    # The scripted modes print and write the model's text as it is: fencing its code is for the page alone.
     if prompts_file:
         return answer_file(generator, records=records, output_file=output_file, batch_size=batch_size, settings=settings)
     if str(instruction).strip():
