@@ -40,13 +40,13 @@ HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with th
 
 # ---- problems and prompts ------------------------------------------------------------------
 
-def load_problems(task: str, mbpp_path: str, limit: int | None, problems_file: str = "",
+def load_problems(task: str, mbpp_path: str, *, limit: int | None, problems_file: str = "",
                   benchmarks_dir: str = "data/") -> list[dict]:
     """Problems as {task_id, instruction, input, ...}: HumanEval's 164, MBPP's test split, or a
     HumanEval-X / MultiPL-E language (from problems_file, else its place under benchmarks_dir)."""
     if multilingual.is_multilingual(task):
-        path = problems_file or multilingual.default_problems_file(task, benchmarks_dir)
-        problems = multilingual.load_problems(task, str(path))
+        path = problems_file or multilingual.default_problems_file(task, benchmarks_dir=benchmarks_dir)
+        problems = multilingual.load_problems(task, problems_file=str(path))
     elif task == "humaneval":
         problems = [dict(p, instruction=HUMANEVAL_INSTRUCTION, input=p["prompt"]) for p in load_humaneval()]
     elif task == "mbpp":
@@ -82,20 +82,21 @@ def mean_pass_at_k(passed_by_task: dict[str, list[bool]], ks: list[int]) -> dict
     results = {}
     for k in ks:
         if all(len(runs) >= k for runs in passed_by_task.values()):
-            results[f"pass@{k}"] = float(np.mean([pass_at_k(len(r), sum(r), k) for r in passed_by_task.values()]))
+            results[f"pass@{k}"] = float(np.mean([pass_at_k(n=len(r), c=sum(r), k=k) for r in passed_by_task.values()]))
     return results
 
 
 # ---- samples ------------------------------------------------------------------------------------
 
-def generate_samples(problems, base_model, lora_weights, prompt_template, n_samples, temperature,
+def generate_samples(problems, *, base_model, lora_weights, prompt_template, n_samples, temperature,
                      max_new_tokens, batch_size, load_in_8bit) -> list[dict]:
     """n_samples responses per problem from the model, batched."""
     from tqdm.auto import tqdm
 
     from utils.serve.generation import Generator
 
-    generator = Generator(base_model, lora_weights or None, load_in_8bit, prompt_template)
+    generator = Generator(base_model, lora_weights=lora_weights or None, load_in_8bit=load_in_8bit,
+                          prompt_template=prompt_template)
     requests = [problem for problem in problems for _ in range(n_samples)]
     settings = dict(temperature=temperature, top_p=0.95, top_k=0, num_beams=1, max_new_tokens=max_new_tokens)
     samples = []
@@ -104,7 +105,7 @@ def generate_samples(problems, base_model, lora_weights, prompt_template, n_samp
             batch = requests[start:start + batch_size]
             responses = generator.answer_batch([(p["instruction"], p["input"]) for p in batch], **settings)
             for problem, response in zip(batch, responses):
-                prompt = generator.prompter.generate_prompt(problem["instruction"], problem["input"])
+                prompt = generator.prompter.generate_prompt(problem["instruction"], input=problem["input"])
                 samples.append({"task_id": problem["task_id"], "prompt": prompt, "response": response,
                                 "code": extract_code(response, problem)})
             bar.update(len(batch))
@@ -132,7 +133,28 @@ def generate_samples_via_api(problems, *, api_base, api_model, api_key, concurre
     return samples, {"api_base": api_base, "api_model": generator.model}
 
 
-def read_samples(samples_file: str, problems: list[dict], tasks: list[str] | None = None) -> list[dict]:
+def generate_answers(problems, *, n_samples, temperature, max_new_tokens, prompt_template, lora_weights, base_model,
+                     batch_size, load_in_8bit, api_base, api_model, api_key, api_key_file,
+                     api_concurrency) -> tuple[list[dict], str | dict]:
+    """n_samples samples per problem, each marked with its problem's task, from the server at
+    api_base or else from the model loaded here; and what answered (shown in the results)."""
+    if api_base:
+        key = resolve_api_key(api_key=api_key, api_key_file=api_key_file, environment_variable="CODEUP_API_KEY")
+        samples, model = generate_samples_via_api(problems, api_base=api_base, api_model=api_model, api_key=key,
+                                                  concurrency=api_concurrency, prompt_template=prompt_template,
+                                                  lora_weights=lora_weights, n_samples=n_samples,
+                                                  temperature=temperature, max_new_tokens=max_new_tokens)
+    else:
+        samples = generate_samples(problems, base_model=base_model, lora_weights=lora_weights,
+                                   prompt_template=prompt_template, n_samples=n_samples, temperature=temperature,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, load_in_8bit=load_in_8bit)
+        model = base_model + (f" + {lora_weights}" if lora_weights else "")
+    for sample, problem in zip(samples, [p for p in problems for _ in range(n_samples)]):
+        sample["task"] = problem["task"]  # the samples come in the order of the requests
+    return samples, model
+
+
+def read_samples(samples_file: str, problems: list[dict], *, tasks: list[str] | None = None) -> list[dict]:
     """Given completions (jsonl: task_id, completion, and `task` where several tasks share task
     ids, as MultiPL-E's languages do), for the problems they name. A completion is used as it is
     (the benchmark's convention: the rest of the prompt, or a whole function); one that holds a
@@ -164,19 +186,21 @@ def read_samples(samples_file: str, problems: list[dict], tasks: list[str] | Non
     return samples
 
 
-def task_results(task: str, samples: list[dict], outcomes: list, ks: list[int]) -> dict:
+def task_results(task: str, *, samples: list[dict], outcomes: list, ks: list[int]) -> dict:
+    """One task's scores (pass@k, counts of problems, samples, passes, timeouts, compile errors);
+    each sample gets its outcome (passed, status, result)."""
     passed_by_task = defaultdict(list)
     for sample, outcome in zip(samples, outcomes):
         sample.update(passed=outcome.passed, status=outcome.status, result=outcome.message)
         passed_by_task[sample["task_id"]].append(outcome.passed)
     language = multilingual.language_of(task).name if multilingual.is_multilingual(task) else "Python"
-    return {"task": task, "language": language, **mean_pass_at_k(passed_by_task, ks),
+    return {"task": task, "language": language, **mean_pass_at_k(passed_by_task, ks=ks),
             "problems": len(passed_by_task), "samples": len(samples), "passed": sum(o.passed for o in outcomes),
             "timeouts": sum(o.status == "timeout" for o in outcomes),
             "compile_errors": sum(o.status == "compile error" for o in outcomes)}
 
 
-def results_table(all_results: list[dict], ks: list[int]) -> str:
+def results_table(all_results: list[dict], *, ks: list[int]) -> str:
     """One row per task: problems, pass@k, timeouts, compile errors (Markdown)."""
     shown = [f"pass@{k}" for k in ks if any(f"pass@{k}" in r for r in all_results)]
     lines = ["| task | language | problems | " + " | ".join(shown) + " | timeouts | compile errors |",
@@ -188,7 +212,7 @@ def results_table(all_results: list[dict], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot_pass_at_1(all_results: list[dict], path: Path, model: str) -> None:
+def plot_pass_at_1(all_results: list[dict], *, path: Path, model: str) -> None:
     """A bar chart of pass@1 per task (language), written atomically beside the JSON files."""
     import matplotlib
 
@@ -211,6 +235,82 @@ def plot_pass_at_1(all_results: list[dict], path: Path, model: str) -> None:
             figure.savefig(temp, dpi=120)
     finally:
         plt.close(figure)
+
+
+def tasks_and_ks(*, task, k, n_samples: int, timeout: float, problems_file: str) -> tuple[list[str], list[int]]:
+    """The tasks (each once, in order) and the k values of pass@k (sorted); one clear error for a
+    setting that cannot work."""
+    ks = sorted({int(value) for value in parse_list(k)}) if not isinstance(k, int) else [k]
+    tasks = list(dict.fromkeys(parse_list(task)))
+    if n_samples < 1 or not ks or min(ks) < 1:
+        raise CodeUpError("--n_samples and every --k must be at least 1")
+    if timeout <= 0:
+        raise CodeUpError("--timeout must be positive")
+    if not tasks:
+        raise CodeUpError("--task is empty")
+    if problems_file and (len(tasks) != 1 or not multilingual.is_multilingual(tasks[0])):
+        raise CodeUpError("--problems_file goes with one HumanEval-X or MultiPL-E task (use --benchmarks_dir for several)")
+    return tasks, ks
+
+
+def problems_of_tasks(tasks: list[str], *, mbpp_path: str, limit: int | None, problems_file: str,
+                      benchmarks_dir: str) -> list[dict]:
+    """Every task's problems, each marked with its task. A missing compiler is one clear line
+    before any work."""
+    problems = []
+    for name in tasks:
+        if multilingual.is_multilingual(name):
+            benchmark, key, _ = multilingual.TASKS[name]
+            multilingual.check_toolchain(key, benchmark=benchmark)
+        problems += [dict(p, task=name) for p in load_problems(name, mbpp_path, limit=limit, problems_file=problems_file,
+                                                               benchmarks_dir=benchmarks_dir)]
+    return problems
+
+
+def run_samples(samples: list[dict], problems: list[dict], *, timeout: float, workers: int | None) -> list:
+    """Each sample's program (its code with its problem's tests), run in the sandbox: its Outcome."""
+    by_key = {(p["task"], p["task_id"]): p for p in problems}
+    programs = [build_program(s["task"], by_key[s["task"], s["task_id"]], s["code"], timeout=timeout) for s in samples]
+    return run_programs(programs, Limits(timeout=timeout), workers=workers, progress=progress_bars_wanted())
+
+
+def write_task_results(samples: list[dict], outcomes: list, *, tasks: list[str], ks: list[int], model,
+                       settings: dict, output: Path, started: float) -> list[dict]:
+    """The results of each task that has samples, each written with its samples into `output`
+    ({task}_results.json, {task}_samples.jsonl)."""
+    output.mkdir(parents=True, exist_ok=True)
+    all_results = []
+    for name in tasks:
+        chosen = [i for i, sample in enumerate(samples) if sample["task"] == name]
+        if not chosen:
+            continue
+        task_samples = [samples[i] for i in chosen]
+        results = task_results(name, samples=task_samples, outcomes=[outcomes[i] for i in chosen], ks=ks)
+        results = {"task": name, "model": model, **{key: v for key, v in results.items() if key != "task"},
+                   "settings": settings, "seconds": round(time.time() - started, 1)}
+        all_results.append(results)
+        write_atomically(output / f"{name}_samples.jsonl",
+                         "".join(json.dumps({key: v for key, v in s.items() if key != "task"}, ensure_ascii=False) + "\n"
+                                 for s in task_samples))
+        write_json(output / f"{name}_results.json", results)
+    return all_results
+
+
+def print_summary(all_results: list[dict], *, tasks: list[str], ks: list[int], model, samples: int, output: Path,
+                  seconds: float) -> None:
+    """One line for a single Python task; for several tasks or another language, the table and
+    the chart of pass@1 (pass_at_1.png)."""
+    if any(multilingual.is_multilingual(name) for name in tasks) or len(tasks) > 1:
+        plot_pass_at_1(all_results, path=output / "pass_at_1.png", model=model)
+        print(results_table(all_results, ks=ks))
+        print(f"{samples} samples of {len(all_results)} tasks in {seconds} s; written to {output}/ "
+              f"(pass_at_1.png: the chart)")
+        return
+    results = all_results[0]
+    scores = {name: value for name, value in results.items() if name.startswith("pass@")}
+    summary = ", ".join(f"{name} {value:.3f}" for name, value in scores.items()) or "no pass@k (n_samples < k)"
+    print(f"{results['task']}: {summary} over {results['problems']} problems ({results['passed']}/{samples} samples "
+          f"passed, {results['timeouts']} timeouts) in {seconds} s; written to {output}/")
 
 
 def require_a_sandbox(allow_unsandboxed: bool) -> None:
@@ -291,73 +391,27 @@ def main(
             root and no bubblewrap: they would run as you, with your files and the network).
     """
     started = time.time()
-    ks = sorted({int(value) for value in parse_list(k)}) if not isinstance(k, int) else [k]
-    tasks = list(dict.fromkeys(parse_list(task)))
-    if n_samples < 1 or not ks or min(ks) < 1:
-        raise CodeUpError("--n_samples and every --k must be at least 1")
-    if timeout <= 0:
-        raise CodeUpError("--timeout must be positive")
-    if not tasks:
-        raise CodeUpError("--task is empty")
-    if problems_file and (len(tasks) != 1 or not multilingual.is_multilingual(tasks[0])):
-        raise CodeUpError("--problems_file goes with one HumanEval-X or MultiPL-E task (use --benchmarks_dir for several)")
-    problems = []
-    for name in tasks:
-        if multilingual.is_multilingual(name):  # a missing compiler: one clear line before any work
-            multilingual.check_toolchain(multilingual.TASKS[name][1], multilingual.TASKS[name][0])
-        problems += [dict(p, task=name) for p in load_problems(name, mbpp_path, limit, problems_file, benchmarks_dir)]
-    by_key = {(p["task"], p["task_id"]): p for p in problems}
+    tasks, ks = tasks_and_ks(task=task, k=k, n_samples=n_samples, timeout=timeout, problems_file=problems_file)
+    problems = problems_of_tasks(tasks, mbpp_path=mbpp_path, limit=limit, problems_file=problems_file,
+                                 benchmarks_dir=benchmarks_dir)
     require_a_sandbox(allow_unsandboxed)  # before minutes of generation, not after
     if samples_file:
-        samples = read_samples(samples_file, problems, tasks)
-        model = f"samples from {samples_file}"
-    elif api_base:
-        key = resolve_api_key(api_key=api_key, api_key_file=api_key_file, environment_variable="CODEUP_API_KEY")
-        samples, model = generate_samples_via_api(problems, api_base=api_base, api_model=api_model, api_key=key,
-                                                  concurrency=api_concurrency, prompt_template=prompt_template,
-                                                  lora_weights=lora_weights, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens)
+        samples, model = read_samples(samples_file, problems, tasks=tasks), f"samples from {samples_file}"
     else:
-        samples = generate_samples(problems, base_model, lora_weights, prompt_template, n_samples, temperature,
-                                   max_new_tokens, batch_size, load_in_8bit)
-        model = base_model + (f" + {lora_weights}" if lora_weights else "")
-    if not samples_file:
-        for sample, problem in zip(samples, [p for p in problems for _ in range(n_samples)]):
-            sample["task"] = problem["task"]  # the samples come in the order of the requests
-
-    programs = [build_program(s["task"], by_key[s["task"], s["task_id"]], s["code"], timeout) for s in samples]
-    outcomes = run_programs(programs, Limits(timeout=timeout), workers=workers, progress=progress_bars_wanted())
-
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+        samples, model = generate_answers(
+            problems, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+            prompt_template=prompt_template, lora_weights=lora_weights, base_model=base_model, batch_size=batch_size,
+            load_in_8bit=load_in_8bit, api_base=api_base, api_model=api_model, api_key=api_key,
+            api_key_file=api_key_file, api_concurrency=api_concurrency)
+    outcomes = run_samples(samples, problems, timeout=timeout, workers=workers)
     settings = {"n_samples": n_samples, "temperature": temperature, "k": ks, "limit": limit, "timeout": timeout,
                 "prompt_template": prompt_template or "(the adapter's own, else alpaca)", "max_new_tokens": max_new_tokens,
                 "isolation": isolation()}
-    all_results = []
-    for name in tasks:
-        chosen = [i for i, sample in enumerate(samples) if sample["task"] == name]
-        if not chosen:
-            continue
-        task_samples = [samples[i] for i in chosen]
-        results = task_results(name, task_samples, [outcomes[i] for i in chosen], ks)
-        results = {"task": name, "model": model, **{key: v for key, v in results.items() if key != "task"},
-                   "settings": settings, "seconds": round(time.time() - started, 1)}
-        all_results.append(results)
-        write_atomically(output / f"{name}_samples.jsonl",
-                         "".join(json.dumps({key: v for key, v in s.items() if key != "task"}, ensure_ascii=False) + "\n"
-                                 for s in task_samples))
-        write_json(output / f"{name}_results.json", results)
-    seconds = round(time.time() - started, 1)
-    if any(multilingual.is_multilingual(name) for name in tasks) or len(tasks) > 1:
-        plot_pass_at_1(all_results, output / "pass_at_1.png", model)
-        print(results_table(all_results, ks))
-        print(f"{len(samples)} samples of {len(all_results)} tasks in {seconds} s; written to {output}/ "
-              f"(pass_at_1.png: the chart)")
-        return
-    results = all_results[0]
-    scores = {name: value for name, value in results.items() if name.startswith("pass@")}
-    summary = ", ".join(f"{name} {value:.3f}" for name, value in scores.items()) or "no pass@k (n_samples < k)"
-    print(f"{results['task']}: {summary} over {results['problems']} problems ({results['passed']}/{len(samples)} samples "
-          f"passed, {results['timeouts']} timeouts) in {seconds} s; written to {output}/")
+    output = Path(output_dir)
+    all_results = write_task_results(samples, outcomes, tasks=tasks, ks=ks, model=model, settings=settings,
+                                     output=output, started=started)
+    print_summary(all_results, tasks=tasks, ks=ks, model=model, samples=len(samples), output=output,
+                  seconds=round(time.time() - started, 1))
 
 
 if __name__ == "__main__":
