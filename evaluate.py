@@ -271,7 +271,7 @@ def run_samples(samples: list[dict], problems: list[dict], *, timeout: float, wo
     """Each sample's program (its code with its problem's tests), run in the sandbox: its Outcome."""
     by_key = {(p["task"], p["task_id"]): p for p in problems}
     programs = [build_program(s["task"], by_key[s["task"], s["task_id"]], s["code"], timeout=timeout) for s in samples]
-    return run_programs(programs, Limits(timeout=timeout), workers=workers, progress=progress_bars_wanted())
+    return run_programs(programs, limits=Limits(timeout=timeout), workers=workers, progress=progress_bars_wanted())
 
 
 def write_task_results(samples: list[dict], outcomes: list, *, tasks: list[str], ks: list[int], model,

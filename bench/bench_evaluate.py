@@ -39,7 +39,7 @@ from utils.eval.sandbox import RESULT_FILE, SANDBOX_PATH, Limits, isolation, run
 def ours(problems, workers):
     programs = [humaneval_program(p, p["canonical_solution"]) for p in problems]
     started = time.perf_counter()
-    outcomes = run_programs(programs, Limits(timeout=3.0), workers=workers, progress=False)
+    outcomes = run_programs(programs, limits=Limits(timeout=3.0), workers=workers, progress=False)
     return time.perf_counter() - started, sum(o.passed for o in outcomes)
 
 

@@ -228,7 +228,7 @@ def remove_function(code: str, pattern: str) -> str:
     brace = code.find("{", match.end())
     if brace < 0:
         return code
-    return code[:match.start()] + code[block_end(code, brace):]
+    return code[:match.start()] + code[block_end(code, open_brace=brace):]
 
 
 MAIN_FUNCTIONS = {"cpp": r"\bint\s+main\s*\(", "rust": r"\bfn\s+main\s*\(\s*\)", "go": r"\bfunc\s+main\s*\(\s*\)",
@@ -247,12 +247,12 @@ def unwrap_java_class(code: str) -> tuple[list[str], str]:
     """(the imports, the members): Java methods taken out of the class an answer wrapped them in."""
     imports = [line for line in code.splitlines() if line.strip().startswith("import ")]
     body = "\n".join(line for line in code.splitlines() if not line.strip().startswith(("import ", "package ")))
-    body = remove_function(body, r"(?:public\s+)?class\s+Main\b[^{]*")  # a demo Main class of its own
+    body = remove_function(body, pattern=r"(?:public\s+)?class\s+Main\b[^{]*")  # a demo Main class of its own
     match = re.search(r"\bclass\s+\w+[^{]*\{", body)
     if match:
-        end = block_end(body, match.end() - 1)
+        end = block_end(body, open_brace=match.end() - 1)
         body = body[match.end():end - 1]
-    return imports, remove_function(body, MAIN_FUNCTIONS["java"])
+    return imports, remove_function(body, pattern=MAIN_FUNCTIONS["java"])
 
 
 def rust_use_lines_to_keep(code: str, declaration: str) -> str:
@@ -275,7 +275,7 @@ def whole_function_program(problem: dict, code: str) -> str:
     if key == "python":
         return prompt + "    pass\n\n" + code + "\n" + tests + "\n"
     if key in MAIN_FUNCTIONS and key != "java":
-        code = remove_function(code, MAIN_FUNCTIONS[key])
+        code = remove_function(code, pattern=MAIN_FUNCTIONS[key])
     if problem["benchmark"] == "multiple":
         # The tests start by closing the function the prompt opened: the answer closed it itself.
         tests = re.sub(r"^\s*\}[ \t]*\n", "\n", tests, count=1)

@@ -496,7 +496,7 @@ def launch(request: dict) -> dict:
         os.close(descriptor)
     if pid is None:
         return {"returncode": 127, "timed_out": False}
-    ended = wait_for_exit(pid, request["timeout"])
+    ended = wait_for_exit(pid, timeout=request["timeout"])
     kill_session(pid)  # exited or not; in namespaces it is PID 1, whose death ends its whole namespace
     _, status = os.waitpid(pid, 0)  # reaped only now: until then nobody else can get its pid (nor its group's)
     if not ended:
