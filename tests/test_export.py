@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, build_tiny_llama
-import export_checkpoint  # noqa: E402
+from utils.export.gguf import GGUF_SUFFIX
+from utils.export.meta_layout import meta_name
 from utils.model_loading import load_model, load_tokenizer
 
 PROBE = "def fibonacci(n):\n    "
@@ -78,7 +79,7 @@ def test_hf_export_is_sharded_and_serves_generate(smollm2_dir, tmp_path):
 
 def hf_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Meta's interleaved rotary layout -> HF's, as transformers' Llama converter applies it: the
-    inverse of export_checkpoint.meta_permute, written independently of it."""
+    inverse of utils/export/meta_layout.py's meta_permute, written independently of it."""
     rows, columns = weight.shape
     return weight.reshape(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
 
@@ -98,7 +99,7 @@ def test_pytorch_export_converts_back_to_the_merged_weights(tiny_llama_dir, tmp_
                       "norm_eps": 1e-6, "rope_theta": 10000.0, "ffn_dim": 128, "max_seq_len": 512}
     back = {}
     for name, tensor in merged.items():
-        meta_tensor = meta[export_checkpoint.meta_name(name)]
+        meta_tensor = meta[meta_name(name)]
         if name.endswith("q_proj.weight"):
             meta_tensor = hf_permute(meta_tensor, params["n_heads"])
         elif name.endswith("k_proj.weight"):
@@ -106,7 +107,7 @@ def test_pytorch_export_converts_back_to_the_merged_weights(tiny_llama_dir, tmp_
         back[name] = meta_tensor
         assert torch.equal(meta_tensor, tensor), name
     assert back.keys() == merged.keys()
-    assert set(meta) == {export_checkpoint.meta_name(name) for name in merged} | {"output.weight"}
+    assert set(meta) == {meta_name(name) for name in merged} | {"output.weight"}
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -168,7 +169,7 @@ def test_gguf_export_continues_like_transformers(request, base_fixture, dtype, t
     result = run_export("--base_model", base, "--lora_weights", tmp_path / "adapter", "--export_dir", tmp_path / "out",
                         "--checkpoint_type", "gguf", "--dtype", dtype)
     assert result.returncode == 0, result.stderr[-3000:]
-    path = tmp_path / "out" / "gguf" / f"ggml-model-{export_checkpoint.GGUF_SUFFIX[dtype]}.gguf"
+    path = tmp_path / "out" / "gguf" / f"ggml-model-{GGUF_SUFFIX[dtype]}.gguf"
     tokenizer = load_tokenizer(base)
     prompt_ids = tokenizer(PROBE)["input_ids"]
     model, continuation = llama_cpp_greedy(path, prompt_ids, 32)
