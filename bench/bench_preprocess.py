@@ -30,7 +30,7 @@ def main(data_dir: str = str(ROOT.parent / "shared" / "data"), batch_size: int =
     entries = [(str(p), i, r) for p in paths for i, r in enumerate(json.loads(p.read_text()))]
     guesser = Guesslang()
     load_seconds = time.perf_counter() - started
-    kept, dropped, _, _ = preprocess.filter_records(entries, "codeup", guesser, batch_size=batch_size)
+    kept, dropped, _, _ = preprocess.filter_records(entries, mode="codeup", guesser=guesser, batch_size=batch_size)
     run_seconds = time.perf_counter() - started
 
     # The texts the codeup rules send to Guesslang: outputs and non-empty inputs of records whose
@@ -41,7 +41,7 @@ def main(data_dir: str = str(ROOT.parent / "shared" / "data"), batch_size: int =
     batched = guesser.language_names(texts, batch_size=batch_size)
     batched_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    single = [guesser.language_name(text) for text in texts]
+    single = [guesser.language_names([text])[0] for text in texts]
     single_seconds = time.perf_counter() - started
     assert batched == single, "batched and single answers differ"
 

@@ -66,9 +66,6 @@ class Guesslang:
     def language_names(self, texts, batch_size: int = 64, progress: bool = False) -> list[str | None]:
         return [name for name, _ in self.detect(texts, batch_size=batch_size, progress=progress)]
 
-    def language_name(self, text: str) -> str | None:
-        return self.language_names([text])[0]
-
     def _reliable_name(self, scores: np.ndarray) -> str | None:
         # Guesslang's rule; ddof=1 matches its statistics.stdev.
         if scores.max() > scores.mean() + 2 * scores.std(ddof=1):

@@ -27,11 +27,10 @@ pl_clean.json, PL_Raw.png, PL_Clean.png, unknown_pl_data.json (every dropped rec
 reason) and report.json.
 """
 
+import contextlib
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.eval.benchmarks import benchmark_texts  # noqa: E402
 from utils.cli import parse_list, run_cli  # noqa: E402
 from utils.errors import CodeUpError  # noqa: E402
-from utils.files import read_json, read_jsonl  # noqa: E402
+from utils.files import read_json, read_records, replacing  # noqa: E402
 from syntax import check_answer  # noqa: E402
 
 DEFAULT_DATA_PATHS = "data/code_alpaca_20k.json,data/new_codealpaca.json"
@@ -112,15 +111,33 @@ def parse_paths(data_paths) -> list[Path]:
 
 
 def read_file(path: Path) -> list:
-    """The records of one JSON list or JSONL file; any error names the file (and the line)."""
+    """The records of one JSON list or JSONL file (utils/files.py's read_records); any error names
+    the file (and the line). A file not named .jsonl must hold one JSON list."""
     if not path.exists():
         raise CodeUpError(f"data file not found: {path} (see data/README.md for where to get it)")
     if path.suffix == ".jsonl":
-        return [record for _, record in read_jsonl(path, what="data file")]
+        return [record for _, record in read_records(path, what="data file")]
+    # read_records reads any text that is not a JSON list as JSON Lines; here that is an error, and
+    # the JSON parser's message, or what the file holds instead of a list, says which.
+    with contextlib.suppress(CodeUpError):
+        rows = read_records(path, what="data file")
+        if rows and rows[0][0].startswith("record "):
+            return [record for _, record in rows]
     records = read_json(path, what="data file")
     if not isinstance(records, list):
         raise CodeUpError(f"{path}: expected a JSON list of records (or a .jsonl file), got a {type(records).__name__}")
     return records
+
+
+def read_entries(paths: list[Path]) -> tuple[list[tuple], dict[str, int]]:
+    """(source, index, raw record) for every record of every file, in order, and the record count
+    of each file."""
+    entries, inputs = [], {}
+    for path in paths:
+        records = read_file(path)
+        inputs[str(path)] = len(records)
+        entries += [(str(path), index, raw) for index, raw in enumerate(records)]
+    return entries, inputs
 
 
 def count_label(count: int) -> str:
@@ -142,13 +159,13 @@ def as_record(raw) -> dict | None:
 
 # ---- the rules -----------------------------------------------------------------------------
 
-def keyword_language(instruction: str, strict: bool) -> str | None:
+def keyword_language(instruction: str, *, strict: bool) -> str | None:
     if strict:
         return next((language for pattern, language in WORD_KEYWORDS if pattern.search(instruction)), None)
     return next((language for keyword, language in KEYWORDS if keyword in instruction), None)
 
 
-def is_python_by_default(record: dict, input_language: str | None, output_language: str | None) -> bool:
+def is_python_by_default(record: dict, *, input_language: str | None, output_language: str | None) -> bool:
     """CodeUp's rule for records whose instruction names no language."""
     output = record["output"]
     return "Python" in (input_language, output_language) or "def " in output or "import " in output
@@ -158,7 +175,7 @@ def normalized_key(record: dict) -> str:
     return " ".join(f"{record['instruction']}\n{record['input']}".lower().split())
 
 
-def ngrams(text: str, n: int) -> set[tuple]:
+def ngrams(text: str, *, n: int) -> set[tuple]:
     """Lower-cased whitespace tokens: for code, a token such as `arr[j+1]:` keeps its punctuation,
     so 13 of them span a distinctive stretch rather than generic keywords."""
     tokens = text.lower().split()
@@ -176,7 +193,7 @@ def decontamination_sources(decontaminate_with) -> list[str]:
     return list(dict.fromkeys(["humaneval", *(name for name in named if name.lower() != "humaneval")]))
 
 
-def benchmark_ngrams(sources, n: int) -> dict[tuple, str]:
+def benchmark_ngrams(sources, *, n: int) -> dict[tuple, str]:
     """n-gram -> the benchmark task it comes from, for the decontamination sources (prompts,
     solutions and tests, in every language); prints which benchmarks are checked."""
     index = {}
@@ -185,7 +202,7 @@ def benchmark_ngrams(sources, n: int) -> dict[tuple, str]:
         label, texts = benchmark_texts(source)
         labels.append(label)
         for task_id, text in texts:
-            for gram in ngrams(text, n):
+            for gram in ngrams(text, n=n):
                 index.setdefault(gram, task_id)
     print("Decontamination: " + ("; ".join(labels) if labels else "off (--decontaminate_with none)"))
     return index
@@ -206,7 +223,7 @@ def load_families(language_families) -> dict[str, set[str]]:
     return {language: set(names) for language, names in families.items()}
 
 
-def filter_records(entries, mode, guesser, families=None, contamination=None, ngram=13, top_k=3, batch_size=64,
+def filter_records(entries, *, mode, guesser, families=None, contamination=None, ngram=13, top_k=3, batch_size=64,
                    check_syntax=False, syntax_counts=None):
     """Apply the rules of `mode` to (source, index, raw) entries.
 
@@ -218,12 +235,12 @@ def filter_records(entries, mode, guesser, families=None, contamination=None, ng
     strict = mode == "strict"
     dropped = []
     candidates = []  # (entry, record, language or None)
-    for source, index, raw in entries:
-        record = as_record(raw)
+    for entry in entries:
+        record = as_record(entry[2])  # (source, index, raw)
         if record is None:
-            dropped.append(drop(source, index, raw, "malformed", "not an object with string instruction/output"))
+            dropped.append(drop(entry, reason="malformed", detail="not an object with string instruction/output"))
             continue
-        candidates.append(((source, index, raw), record, keyword_language(record["instruction"], strict)))
+        candidates.append((entry, record, keyword_language(record["instruction"], strict=strict)))
 
     raw_counts = count_languages(language for _, _, language in candidates)
     raw_counts[OTHERS] += len(dropped)  # malformed records have no language either
@@ -237,22 +254,26 @@ def filter_records(entries, mode, guesser, families=None, contamination=None, ng
     detected = dict(zip(texts, detections))  # text -> (answer or None, top_k languages)
 
     kept, seen = [], set()
-    for (source, index, raw), record, language in candidates:
+    for entry, record, language in candidates:
         output_language, output_top = detected.get(record["output"], (None, []))
         reason, detail = None, ""
         if strict and not record["output"].strip():
             reason = "empty_output"
         elif language is None:
-            if is_python_by_default(record, detected.get(record["input"], (None,))[0], output_language):
+            if is_python_by_default(record, input_language=detected.get(record["input"], (None,))[0],
+                                    output_language=output_language):
                 language = "Python"
             else:
                 reason, detail = "unknown_language", f"Guesslang: output {output_language or 'not sure'}"
         if strict and reason is None:
-            reason, detail = strict_reason(record, language, output_language, output_top, families, contamination, ngram, seen)
+            reason, detail = strict_reason(record, language=language, output_language=output_language,
+                                           output_top=output_top, families=families, contamination=contamination,
+                                           ngram=ngram, seen=seen)
         if check_syntax and reason is None:
-            reason, detail = syntax_reason(record, language, output_language, strict, syntax_counts)
+            reason, detail = syntax_reason(record, language=language, output_language=output_language, strict=strict,
+                                           counts=syntax_counts)
         if reason:
-            dropped.append(drop(source, index, raw, reason, detail))
+            dropped.append(drop(entry, reason=reason, detail=detail))
         else:
             kept.append((language, record))
 
@@ -260,7 +281,7 @@ def filter_records(entries, mode, guesser, families=None, contamination=None, ng
     return [record for _, record in kept], dropped, raw_counts, clean_counts
 
 
-def strict_reason(record, language, output_language, output_top, families, contamination, ngram, seen):
+def strict_reason(record, *, language, output_language, output_top, families, contamination, ngram, seen):
     """(reason, detail) for the first strict check a kept record fails, or (None, "").
 
     Language agreement: Guesslang is often wrong on short snippets, so a record is a mismatch only
@@ -277,13 +298,13 @@ def strict_reason(record, language, output_language, output_top, families, conta
     seen.add(key)
     if contamination:
         for field in ("instruction", "input", "output"):
-            for gram in ngrams(record[field], ngram):
+            for gram in ngrams(record[field], n=ngram):
                 if gram in contamination:
                     return "contaminated", f"{field} shares a {ngram}-gram with {contamination[gram]}: {' '.join(gram)}"
     return None, ""
 
 
-def syntax_reason(record, language, output_language, strict, counts):
+def syntax_reason(record, *, language, output_language, strict, counts):
     """("syntax_error", the parser's first error) when the record's code does not parse, else
     (None, ""); counts the record under its language. Besides the record's language, the other
     languages its instruction names and the one Guesslang reads in the output are tried: the
@@ -303,7 +324,9 @@ def syntax_reason(record, language, output_language, strict, counts):
     return ("syntax_error", detail) if status == "failed" else (None, "")
 
 
-def drop(source, index, raw, reason, detail) -> dict:
+def drop(entry: tuple, *, reason: str, detail: str) -> dict:
+    """What unknown_pl_data.json keeps of a dropped (source, index, raw record) entry: all of it."""
+    source, index, raw = entry
     return {"source": source, "index": index, "reason": reason, "detail": detail, "record": raw}
 
 
@@ -328,7 +351,7 @@ def syntax_summary(counts: dict[str, dict[str, int]]) -> str:
 
 # ---- writing -------------------------------------------------------------------------------
 
-def radar_chart(counts: dict[str, int], title: str, path: Path) -> None:
+def radar_chart(counts: dict[str, int], *, title: str, path: Path) -> None:
     """Counts per language on a radar chart; the radius is logarithmic so that small languages show."""
     import matplotlib
 
@@ -354,27 +377,20 @@ def radar_chart(counts: dict[str, int], title: str, path: Path) -> None:
     plt.close(figure)
 
 
-def write_outputs(output_dir: Path, files: dict[str, object]) -> None:
-    """Write every output to a temp file first, then rename each into place: a crash or an error
-    never leaves a truncated file behind (JSON for dicts and lists, a chart for ("chart", ...))."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staged = []
-    try:
+def write_outputs(output_dir: Path, *, files: dict[str, object]) -> None:
+    """Every output filled in a temp file beside it (utils/files.py's replacing), then all renamed
+    into place together: an error in any of them (a chart that fails) leaves every output as it was,
+    and never a truncated file (JSON for dicts and lists, a chart for (counts, title))."""
+    with contextlib.ExitStack() as staged:
+        # Entered last to first: the stack exits, renaming each into place, first to last, so that
+        # report.json lands last.
+        temps = {name: staged.enter_context(replacing(output_dir / name)) for name in reversed(files)}
         for name, content in files.items():
-            handle, temp = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=Path(name).suffix)
-            os.close(handle)
-            os.chmod(temp, 0o644)  # mkstemp makes files private; outputs are ordinary files
-            staged.append((temp, output_dir / name))
             if name.endswith(".png"):
-                radar_chart(*content, Path(temp))
+                counts, title = content
+                radar_chart(counts, title=title, path=temps[name])
             else:
-                Path(temp).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for temp, target in staged:
-            os.replace(temp, target)
-    finally:
-        for temp, _ in staged:
-            if os.path.exists(temp):
-                os.remove(temp)
+                temps[name].write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ---- the CLI -------------------------------------------------------------------------------
@@ -409,45 +425,27 @@ def main(
             in strict mode, off in codeup mode (--check_syntax turns it on, --nocheck_syntax off).
     """
     started = time.time()
-    if mode not in ("codeup", "strict"):
-        raise CodeUpError(f"--mode must be codeup or strict, not {mode!r}")
-    if check_syntax is None:
-        check_syntax = mode == "strict"
-    if not isinstance(check_syntax, bool):
-        raise CodeUpError(f"--check_syntax takes True or False (or --nocheck_syntax), not {check_syntax!r}")
+    check_syntax = syntax_check_wanted(mode=mode, check_syntax=check_syntax)
     paths = parse_paths(data_paths)
     families = load_families(language_families) if mode == "strict" else None
     # Everything that can fail on bad input happens before the first output is written.
-    entries, inputs = [], {}
-    for path in paths:
-        records = read_file(path)
-        inputs[str(path)] = len(records)
-        entries += [(str(path), index, raw) for index, raw in enumerate(records)]
-    contamination = benchmark_ngrams(decontaminate_with, ngram) if mode == "strict" else None
+    entries, inputs = read_entries(paths)
+    contamination = benchmark_ngrams(decontaminate_with, n=ngram) if mode == "strict" else None
     print(f"Read {len(entries):,} records from {len(paths)} file(s); mode {mode}")
 
     from language_detection import Guesslang
 
     syntax_counts = {}
     kept, dropped, raw_counts, clean_counts = filter_records(
-        entries, mode, Guesslang(), families, contamination, ngram, agreement_top_k, batch_size,
-        check_syntax=check_syntax, syntax_counts=syntax_counts,
+        entries, mode=mode, guesser=Guesslang(), families=families, contamination=contamination, ngram=ngram,
+        top_k=agreement_top_k, batch_size=batch_size, check_syntax=check_syntax, syntax_counts=syntax_counts,
     )
     assert len(kept) + len(dropped) == len(entries)  # nothing is lost
 
-    dropped_by_reason = {reason: 0 for reason in DROP_REASONS}
-    for entry in dropped:
-        dropped_by_reason[entry["reason"]] += 1
-    prefix = "codeup" if mode == "codeup" else "codeup_strict"
-    data_file = f"{prefix}_{count_label(len(kept))}.json"
-    report = {
-        "mode": mode, "inputs": inputs, "read": len(entries), "kept": len(kept), "dropped": len(dropped),
-        "dropped_by_reason": dropped_by_reason, "output": data_file, "check_syntax": check_syntax,
-        "syntax": {language: syntax_counts[language] for language in LANGUAGES if language in syntax_counts}
-        if check_syntax else None,
-        "elapsed_seconds": round(time.time() - started, 2),
-    }
-    write_outputs(Path(output_dir), {
+    report = run_report(mode=mode, inputs=inputs, kept=kept, dropped=dropped, check_syntax=check_syntax,
+                        syntax_counts=syntax_counts, started=started)
+    data_file = report["output"]
+    write_outputs(Path(output_dir), files={
         data_file: kept,
         "pl_raw.json": raw_counts,
         "pl_clean.json": clean_counts,
@@ -456,12 +454,42 @@ def main(
         "PL_Clean.png": (clean_counts, f"Languages after filtering ({len(kept):,} records, {mode})"),
         "report.json": report,
     })
+    dropped_by_reason = report["dropped_by_reason"]
     print(f"Kept {len(kept):,}, dropped {len(dropped):,} "
           f"({', '.join(f'{r} {n:,}' for r, n in dropped_by_reason.items() if n)}) in {report['elapsed_seconds']} s")
     if check_syntax:
         print(syntax_summary(report["syntax"]))
     print(f"Wrote {Path(output_dir) / data_file} and the counts, charts and report beside it")
 
+
+def syntax_check_wanted(*, mode: str, check_syntax) -> bool:
+    """--check_syntax as given, or its default for the mode (on in strict mode); a bad --mode or
+    --check_syntax is refused."""
+    if mode not in ("codeup", "strict"):
+        raise CodeUpError(f"--mode must be codeup or strict, not {mode!r}")
+    if check_syntax is None:
+        check_syntax = mode == "strict"
+    if not isinstance(check_syntax, bool):
+        raise CodeUpError(f"--check_syntax takes True or False (or --nocheck_syntax), not {check_syntax!r}")
+    return check_syntax
+
+
+def run_report(*, mode: str, inputs: dict[str, int], kept: list, dropped: list, check_syntax: bool,
+               syntax_counts: dict, started: float) -> dict:
+    """report.json: what was read from each file, kept and dropped (by reason), the data file's
+    name, the syntax check's counts per language, and the run's time so far."""
+    dropped_by_reason = {reason: 0 for reason in DROP_REASONS}
+    for entry in dropped:
+        dropped_by_reason[entry["reason"]] += 1
+    prefix = "codeup" if mode == "codeup" else "codeup_strict"
+    return {
+        "mode": mode, "inputs": inputs, "read": sum(inputs.values()), "kept": len(kept), "dropped": len(dropped),
+        "dropped_by_reason": dropped_by_reason, "output": f"{prefix}_{count_label(len(kept))}.json",
+        "check_syntax": check_syntax,
+        "syntax": {language: syntax_counts[language] for language in LANGUAGES if language in syntax_counts}
+        if check_syntax else None,
+        "elapsed_seconds": round(time.time() - started, 2),
+    }
 
 if __name__ == "__main__":
     run_cli(main)

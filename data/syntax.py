@@ -237,7 +237,7 @@ def first_error(code: str, *, grammar: str) -> str | None:
     tree = parser(grammar=grammar).parse(code.encode("utf-8"))
     if not tree.root_node.has_error:
         return None
-    return describe(error_node(tree.root_node), code)
+    return describe(error_node(tree.root_node), code=code)
 
 
 def python_error(code: str) -> str | None:
@@ -255,7 +255,7 @@ def python_error(code: str) -> str | None:
 
 @lru_cache(maxsize=None)
 def parser(*, grammar: str):
-    """One tree-sitter parser per grammar, built once (loading a grammar takes milliseconds)."""
+    """One tree-sitter parser per grammar, built once (loading a grammar is too slow to repeat per answer)."""
     from tree_sitter_language_pack import get_parser
 
     return get_parser(grammar)
@@ -275,8 +275,7 @@ def error_node(root):
                 return root
 
 
-
-def describe(node, code: str) -> str:
+def describe(node, *, code: str) -> str:
     """`line L, column C: expected X` for a MISSING node, `unexpected "text"` for an ERROR node."""
     row, column = node.start_point
     where = f"line {row + 1}, column {column + 1}"

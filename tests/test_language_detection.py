@@ -31,7 +31,7 @@ def test_blank_text_has_no_answer(guesslang):
 
 def test_batched_answers_equal_one_at_a_time(guesslang):
     texts = list(SNIPPETS.values()) + ["The quick brown fox.", "x = 1", "", "SELECT 1;"]
-    assert guesslang.language_names(texts, batch_size=3) == [guesslang.language_name(text) for text in texts]
+    assert guesslang.language_names(texts, batch_size=3) == [guesslang.language_names([text])[0] for text in texts]
 
 
 def test_not_sure_follows_guesslangs_rule(guesslang):

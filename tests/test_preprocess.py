@@ -1,8 +1,10 @@
 """The data stage on the real Code Alpaca files (../shared/data) and on small files written here."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -193,6 +195,26 @@ def test_bad_files_fail_in_one_line_and_write_nothing(tmp_path, name, content, m
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: " + message.format(path=path))
     assert not (tmp_path / "out").exists()
+
+
+def test_outputs_appear_together_or_not_at_all(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    preprocess.write_outputs(out, files={"codeup_1.json": [1], "report.json": {"run": 1}})
+
+    def broken_chart(counts, *, title, path):
+        raise RuntimeError("no chart")
+
+    monkeypatch.setattr(preprocess, "radar_chart", broken_chart)
+    with pytest.raises(RuntimeError, match="no chart"):
+        preprocess.write_outputs(out, files={"codeup_1.json": [2], "PL_Raw.png": ({}, "t"), "report.json": {"run": 2}})
+    assert read_json(out / "codeup_1.json") == [1] and read_json(out / "report.json") == {"run": 1}
+    assert sorted(path.name for path in out.iterdir()) == ["codeup_1.json", "report.json"]  # no temp file left
+
+    renamed, rename = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: (renamed.append(Path(target).name), rename(source, target)))
+    preprocess.write_outputs(out, files={"codeup_1.json": [3], "pl_raw.json": {}, "report.json": {"run": 3}})
+    assert renamed == ["codeup_1.json", "pl_raw.json", "report.json"]  # the report lands last
+    assert read_json(out / "codeup_1.json") == [3] and read_json(out / "report.json") == {"run": 3}
 
 
 def test_bad_mode_and_families_are_refused(tmp_path):

@@ -222,7 +222,8 @@ def test_filter_records_counts_per_language():
     entries = [("f", i, record) for i, record in enumerate(RECORDS)]
     counts = {}
     kept, dropped, _, clean = preprocess.filter_records(
-        entries, "strict", NoGuess(), preprocess.load_families(None), None, check_syntax=True, syntax_counts=counts
+        entries, mode="strict", guesser=NoGuess(), families=preprocess.load_families(None), contamination=None,
+        check_syntax=True, syntax_counts=counts,
     )
     assert [d["index"] for d in dropped if d["reason"] == "syntax_error"] == [1, 3]
     assert len(kept) == 4 and clean["Python"] == 2 and clean["SQL"] == 0
