@@ -17,9 +17,7 @@ import contextlib
 import gzip
 import io
 import json
-import os
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import CodeUpError  # noqa: E402
+from utils.files import replacing  # noqa: E402
 
 SOURCES = {
     # Code Alpaca's 20K records, from its public repository.
@@ -70,7 +69,7 @@ def parquet_to_jsonl(data: bytes) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 
 
-def is_valid_benchmark(path: Path, fields) -> bool:
+def is_valid_benchmark(path: Path, *, fields) -> bool:
     try:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -79,26 +78,20 @@ def is_valid_benchmark(path: Path, fields) -> bool:
 
 
 @contextlib.contextmanager
-def replacing(url: str, target: Path):
-    """A temp file beside `target` for the block to fill; renamed onto `target` when the block
-    succeeds, removed otherwise (never a half file). A network or disk error names the URL."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(handle)
+def downloading(url: str, *, target: Path):
+    """utils/files.py's replacing (a temp file beside `target` for the block to fill; renamed onto
+    `target` when the block succeeds, removed otherwise: never a half file), where a network or
+    disk error names the URL."""
     try:
-        yield Path(temp)
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
+        with replacing(target) as temp:
+            yield temp
     except OSError as error:
         raise CodeUpError(f"cannot download {url}: {error}") from error
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
-def fetch_benchmark(url: str, target: Path, spec: dict, timeout: float) -> None:
+def fetch_benchmark(url: str, *, target: Path, spec: dict, timeout: float) -> None:
     """Download, convert to JSONL, check the rows, then rename into place."""
-    with replacing(url, target) as temp:
+    with downloading(url, target=target) as temp:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
         try:
@@ -106,18 +99,18 @@ def fetch_benchmark(url: str, target: Path, spec: dict, timeout: float) -> None:
         except Exception as error:  # a truncated gzip, an HTML page instead of parquet, ...
             raise CodeUpError(f"{url} did not give {spec['mirror_name'].split('.', 1)[1]} data: {error}") from error
         temp.write_bytes(converted)
-        if not is_valid_benchmark(temp, spec["fields"]):
+        if not is_valid_benchmark(temp, fields=spec["fields"]):
             raise CodeUpError(f"{url} did not give rows with {', '.join(spec['fields'])}")
 
 
 def download_benchmarks(folder: Path, base_url: str, overwrite: bool, timeout: float) -> None:
     for spec in benchmark_files():
         target = folder / spec["target"]
-        if target.is_file() and is_valid_benchmark(target, spec["fields"]) and not overwrite:
+        if target.is_file() and is_valid_benchmark(target, fields=spec["fields"]) and not overwrite:
             print(f"{target} is already here and valid: kept")
             continue
         source = base_url.rstrip("/") + "/" + spec["mirror_name"] if base_url else spec["url"]
-        fetch_benchmark(source, target, spec, timeout)
+        fetch_benchmark(source, target=target, spec=spec, timeout=timeout)
         rows = sum(1 for line in target.read_text(encoding="utf-8").splitlines() if line.strip())
         print(f"Downloaded {target} ({rows} problems)")
 
@@ -131,8 +124,8 @@ def is_valid(path: Path) -> bool:
         isinstance(r, dict) and "instruction" in r and "output" in r for r in records)
 
 
-def fetch(url: str, target: Path, timeout: float) -> None:
-    with replacing(url, target) as temp:
+def fetch(url: str, *, target: Path, timeout: float) -> None:
+    with downloading(url, target=target) as temp:
         with temp.open("wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
@@ -170,7 +163,7 @@ def main(output_dir: str = "data/", base_url: str = "", overwrite: bool = False,
             print(f"{target} is already here and valid: kept")
             continue
         source = base_url.rstrip("/") + "/" + name if base_url else url
-        fetch(source, target, timeout)
+        fetch(source, target=target, timeout=timeout)
         print(f"Downloaded {target} ({len(json.loads(target.read_text(encoding='utf-8'))):,} records)")
 
 
