@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 import utils.train.attention  # noqa: F401  (registers the sdpa_per_example attention)
 from utils.errors import CodeUpError
+from utils.logs import logger
 from utils.precision import resolve_precision, silence_bitsandbytes_cast_notice, torch_dtype
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
@@ -82,7 +83,7 @@ def materialize_gguf(gguf_path: Path) -> Path:
     if (target / "config.json").is_file():
         return target
 
-    print(f"Converting {gguf_path.name} into a Hugging Face folder (once): {target}")
+    logger.info(f"Converting {gguf_path.name} into a Hugging Face folder (once): {target}")
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, use_kernels=False)
@@ -97,13 +98,16 @@ def materialize_gguf(gguf_path: Path) -> Path:
     model.generation_config = gguf_model.generation_config
 
     # Write into a temp folder and rename it into place, so that an interrupted conversion (or two
-    # processes converting at once) never leaves a half-written model that looks whole.
+    # processes converting at once) never leaves a half-written model that looks whole. Not
+    # utils/files.py's replacing(folder=True): it deletes a folder already at the target and renames
+    # in two steps, so it would delete the copy another process finished first, perhaps while a
+    # third loads it; a plain rename onto a folder that holds files fails instead, atomically.
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        restore_pre_tokenizer(staging, gguf_path)
+        restore_pre_tokenizer(staging, gguf_path=gguf_path)
         try:
             staging.rename(target)
         except OSError:  # another process finished first: use its copy
@@ -128,7 +132,7 @@ HF_PRE_TOKENIZERS = {
 }
 
 
-def restore_pre_tokenizer(folder: Path, gguf_path: Path) -> None:
+def restore_pre_tokenizer(folder: Path, *, gguf_path: Path) -> None:
     """Writes the GGUF's real pre-tokenizer (tokenizer.ggml.pre) into folder/tokenizer.json."""
     import json
 
@@ -142,7 +146,6 @@ def restore_pre_tokenizer(folder: Path, gguf_path: Path) -> None:
     tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     tokenizer["pre_tokenizer"] = HF_PRE_TOKENIZERS[name]
     tokenizer_file.write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2), encoding="utf-8")
-
 
 
 def linear_module_names(model_path: str) -> set[str]:
@@ -218,7 +221,7 @@ def load_model(
     utils/train/attention.py's sdpa_per_example.
     """
     device = device or default_device()
-    dtype = resolve_dtype(dtype, device, load_in_8bit=load_in_8bit)
+    dtype = resolve_dtype(dtype, device=device, load_in_8bit=load_in_8bit)
     path = resolve_model_reference(base_model)
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else device
     if load_in_8bit or load_in_4bit:
@@ -227,7 +230,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
-            quantization_config=quantization_config(load_in_8bit, load_in_4bit, dtype),
+            quantization_config=quantization_config(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                                                    compute_dtype=dtype),
             device_map=device_map,
             attn_implementation=attn_implementation,
             # transformers 5.25 with the `kernels` package swaps in layers fetched from the hub at load
@@ -244,7 +248,7 @@ def load_model_and_tokenizer(base_model: str = DEFAULT_BASE_MODEL, padding_side:
     """Both, consistent: the model knows the tokenizer's pad token, and has an embedding for it."""
     tokenizer = load_tokenizer(base_model, padding_side=padding_side)
     model = load_model(base_model, **model_options)
-    fit_model_to_tokenizer(model, tokenizer)
+    fit_model_to_tokenizer(model=model, tokenizer=tokenizer)
     return model, tokenizer
 
 
