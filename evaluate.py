@@ -32,7 +32,7 @@ from utils.eval.programs import MBPP_TEST_IDS, build_program, extract_code, mbpp
 from utils.errors import CodeUpError
 from utils.files import read_jsonl, replacing, write_atomically, write_json
 from utils.model_loading import DEFAULT_BASE_MODEL
-from utils.eval.sandbox import Limits, isolation, run_programs
+from utils.eval.sandbox import Limits, isolation, require_a_sandbox, run_programs
 
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with the whole function in a "
                          "```python code block.")
@@ -311,18 +311,6 @@ def print_summary(all_results: list[dict], *, tasks: list[str], ks: list[int], m
     summary = ", ".join(f"{name} {value:.3f}" for name, value in scores.items()) or "no pass@k (n_samples < k)"
     print(f"{results['task']}: {summary} over {results['problems']} problems ({results['passed']}/{samples} samples "
           f"passed, {results['timeouts']} timeouts) in {seconds} s; written to {output}/")
-
-
-def require_a_sandbox(allow_unsandboxed: bool) -> None:
-    """Model-written code runs in namespaces (root) or bubblewrap; with rlimits only, not unless asked."""
-    if isolation() != "rlimits":
-        return
-    if not allow_unsandboxed:
-        raise CodeUpError("no sandbox on this machine (not root, and no bubblewrap): model-written code would run as "
-                          "you, with your files and the network; run as root or install bubblewrap (apt-get install "
-                          "bubblewrap), or pass --allow_unsandboxed to run it with resource limits only")
-    logger.warning("--allow_unsandboxed: the programs run as you, with your files and the network "
-                   "(resource limits only)")
 
 
 def main(

@@ -25,6 +25,7 @@ import transformers
 from utils.chat_data import CHAT, ChatPrompter, resolve_prompt_format
 from utils.cli import parse_list, run_cli
 from utils.errors import CodeUpError
+from utils.eval.sandbox import require_a_sandbox
 from utils.files import replacing
 from utils.model_loading import DEFAULT_BASE_MODEL, load_model, load_tokenizer, resolve_model_reference
 from utils.precision import resolve_precision, torch_dtype
@@ -177,11 +178,9 @@ def check_adapter(lora_weights: str) -> None:
 def training_problems(*, data_path: str, mbpp_path: str, decontaminate_with: str, timeout: float,
                       allow_unsandboxed: bool) -> list[dict]:
     """The problems to train on: read, their toolchains present, decontaminated, their solutions passing."""
-    from utils.eval.sandbox import isolation
-
     problems = rewards.load_problems(data_path, mbpp_path=mbpp_path)
     rewards.check_toolchains(problems)
-    require_a_sandbox(allow_unsandboxed, isolation=isolation())
+    require_a_sandbox(allow_unsandboxed)
     sources = rewards.benchmark_sources(mbpp_path=mbpp_path, decontaminate_with=parse_list(decontaminate_with))
     problems, dropped = rewards.decontaminate(problems, sources=sources)
     if not problems:
@@ -200,16 +199,6 @@ def training_problems(*, data_path: str, mbpp_path: str, decontaminate_with: str
 
 def few(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
-def require_a_sandbox(allow_unsandboxed: bool, *, isolation: str) -> None:
-    """Model-written code runs in namespaces (root) or bubblewrap; with rlimits only, not unless asked."""
-    if isolation != "rlimits":
-        return
-    if not allow_unsandboxed:
-        raise CodeUpError("no sandbox on this machine (not root, and no bubblewrap): model-written code would run as "
-                          "you; run as root or install bubblewrap, or pass --allow_unsandboxed")
-    logger.warning("--allow_unsandboxed: the answers run as you, with your files and the network (resource limits only)")
 
 
 def prompt_dataset(problems: list[dict], *, prompter):

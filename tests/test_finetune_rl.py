@@ -165,6 +165,7 @@ def run_rl(argv, capsys) -> str:
     ("all contaminated", "every problem overlaps a benchmark"),
     ("one generation", "--num_generations must be at least 2"),
     ("not an adapter", "no adapter_config.json"),
+    ("no sandbox", "no sandbox on this machine"),
 ])
 def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, case, expected):
     monkeypatch.setattr(finetune_rl, "load_tokenizer", lambda *a, **k: pytest.fail("a model part loaded"))
@@ -184,6 +185,8 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypa
         argv += ["--num_generations", "1"]
     elif case == "not an adapter":
         argv += ["--lora_weights", str(tmp_path)]
+    elif case == "no sandbox":  # as without root and bubblewrap
+        monkeypatch.setattr("utils.eval.sandbox.probe_isolation", lambda: "rlimits")
     assert expected in run_rl(argv, capsys)
     assert not (tmp_path / "out").exists()
 
@@ -210,3 +213,46 @@ def test_a_short_run_writes_an_adapter_the_other_stages_take(tmp_path, tiny_llam
     export_checkpoint.main(base_model=str(tiny_llama_dir), lora_weights=str(output), output_dir=str(tmp_path / "export"),
                            precision="float32")
     assert (tmp_path / "export" / "hf_ckpt" / "config.json").is_file()
+
+
+# Problems the embedded model solves some of the time when asked in its chat template (about a fifth
+# of the asserts at first): room to learn in both directions.
+MEDIUM = [
+    ("count_vowels", "Write a Python function `count_vowels(s)` that returns how many vowels (a, e, i, o, u) the string s contains.",
+     "assert count_vowels('hello') == 2\nassert count_vowels('sky') == 0\nassert count_vowels('aeiou') == 5\n"),
+    ("fizz", "Write a Python function `fizz(n)` that returns 'Fizz' if n is divisible by 3, else the number n as a string.",
+     "assert fizz(3) == 'Fizz'\nassert fizz(4) == '4'\nassert fizz(9) == 'Fizz'\n"),
+    ("second_largest", "Write a Python function `second_largest(xs)` that returns the second largest distinct number in the list xs.",
+     "assert second_largest([1, 5, 3]) == 3\nassert second_largest([7, 7, 2]) == 2\n"),
+    ("is_palindrome", "Write a Python function `is_palindrome(s)` that returns True if the string s reads the same backwards.",
+     "assert is_palindrome('level')\nassert not is_palindrome('abc')\n"),
+    ("sum_digits", "Write a Python function `sum_digits(n)` that returns the sum of the decimal digits of the non-negative integer n.",
+     "assert sum_digits(123) == 6\nassert sum_digits(0) == 0\nassert sum_digits(909) == 18\n"),
+    ("factorial", "Write a Python function `factorial(n)` that returns n! for n >= 0.",
+     "assert factorial(0) == 1\nassert factorial(5) == 120\n"),
+    ("count_words", "Write a Python function `count_words(s)` that returns the number of words in the string s, separated by spaces.",
+     "assert count_words('a b c') == 3\nassert count_words('hello') == 1\n"),
+    ("only_odd", "Write a Python function `only_odd(xs)` that returns a list of the odd numbers in xs, in order.",
+     "assert only_odd([1, 2, 3, 4, 5]) == [1, 3, 5]\nassert only_odd([2]) == []\n"),
+]
+
+
+@pytest.mark.slow
+def test_the_reward_rises(tmp_path, smollm2_dir):
+    """16 seeded steps on SmolLM2-135M: the mean reward of the last 6 steps beats the first 6 by 0.1.
+
+    Why the margin is safe: measured here with this configuration, the first 6 steps averaged 0.25
+    and steps 11-16 0.51 (a 40-step run at 1e-3: 0.20 for the first 10 steps, 0.38 for the last 10).
+    One step's mean over 8 answers varies by about 0.2, so a 6-step mean by about 0.08 and the
+    difference by about 0.12: 0.1 sits 1.3 of those below the measured 0.26, and the seed fixes
+    the samples (a different CPU may round differently, not learn differently)."""
+    data = write_jsonl(tmp_path / "medium.jsonl", [{"task_id": t, "prompt": p, "tests": tests} for t, p, tests in MEDIUM])
+    trainer = finetune_rl.train(base_model=str(smollm2_dir), data_path=str(data), mbpp_path=str(MBPP),
+                                output_dir=str(tmp_path / "rl"), max_steps=16, prompts_per_step=2, num_generations=4,
+                                max_completion_length=64, prompt_template="chat", learning_rate=2e-3, save_steps=1000,
+                                seed=1, reward="fraction")
+    rewards_by_step = [e["rewards/sandbox_fraction/mean"] for e in trainer.state.log_history
+                       if "rewards/sandbox_fraction/mean" in e]
+    assert len(rewards_by_step) == 16
+    first, last = sum(rewards_by_step[:6]) / 6, sum(rewards_by_step[-6:]) / 6
+    assert last > first + 0.1, rewards_by_step

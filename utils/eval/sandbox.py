@@ -165,6 +165,22 @@ def isolation() -> str:
         return probe_isolation()
 
 
+
+def require_a_sandbox(allow_unsandboxed: bool) -> None:
+    """The policy of every stage that runs model-written code (evaluate.py, finetune_rl.py): in
+    namespaces (root) or bubblewrap; with resource limits only, not unless the user asks."""
+    from utils.errors import CodeUpError  # here: the launcher runs this file with the standard library only
+    from utils.logs import logger
+
+    if isolation() != "rlimits":
+        return
+    if not allow_unsandboxed:
+        raise CodeUpError("no sandbox on this machine (not root, and no bubblewrap): model-written code would run as "
+                          "you, with your files and the network; run as root or install bubblewrap (apt-get install "
+                          "bubblewrap), or pass --allow_unsandboxed to run it with resource limits only")
+    logger.warning("--allow_unsandboxed: the programs run as you, with your files and the network "
+                   "(resource limits only)")
+
 @functools.cache
 def probe_isolation() -> str:
     probe = Step([python_interpreter(), "-c", "pass"], Limits(timeout=60.0))
