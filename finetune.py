@@ -135,7 +135,7 @@ def train(
         load_in_8bit: 8-bit base (LLM.int8); default: on when CUDA is present.
         load_in_4bit: 4-bit NF4 base (QLoRA).
         precision: auto (bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32;
-            README's precision table), bf16, fp16 or fp32.
+            the precision table in docs/hardware.md), bf16, fp16 or fp32.
         gradient_checkpointing: recompute activations in the backward pass: much less memory,
             about a third slower. Default: on for an 8-bit or 4-bit base (the paper's setup: what
             lets 7B fit a 24 GB card), off otherwise.

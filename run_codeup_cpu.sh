@@ -108,7 +108,7 @@ echo "   HumanEval         $(score "$WORK_DIR/eval/humaneval_results.json")   $W
 [[ $EVAL_TASK2 == none ]] || echo "   $EVAL_TASK2 $(printf '%*s' $((17 - ${#EVAL_TASK2})) '')$(score "$WORK_DIR/eval/${EVAL_TASK2}_results.json")   $WORK_DIR/eval/${EVAL_TASK2}_results.json"
 echo "   web demo          $PY generate.py --base_model $WORK_DIR/export/hf_ckpt   then open http://127.0.0.1:7860"
 echo
-echo "== Use your model elsewhere (each export's chat template is the training prompt; README: Use your model):"
+echo "== Use your model elsewhere (each export's chat template is the training prompt; README: Use your model elsewhere):"
 echo "   transformers      pipeline(\"text-generation\", model=\"$WORK_DIR/export/hf_ckpt\")([{\"role\": \"user\", \"content\": \"...\"}])"
 echo "   llama.cpp         llama-cli -m $WORK_DIR/export/gguf/ggml-model-f16.gguf -cnv --temp 0 -r \"### Instruction:\""
 echo "   OpenAI API        llama-server -m $WORK_DIR/export/gguf/ggml-model-f16.gguf --jinja --port 8080   then POST /v1/chat/completions"

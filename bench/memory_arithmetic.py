@@ -1,4 +1,4 @@
-"""GPU memory of LoRA training, by arithmetic: what README's hardware table is computed from.
+"""GPU memory of LoRA training, by arithmetic: what docs/hardware.md's tables are computed from.
 
     python bench/memory_arithmetic.py            # prints the table for Llama-2-7B at 16 x 512 tokens
 

@@ -1,4 +1,4 @@
-"""README's memory arithmetic (bench/memory_arithmetic.py) against the bytes a real decoder layer saves."""
+"""The memory arithmetic of docs/hardware.md (bench/memory_arithmetic.py) against the bytes a real decoder layer saves."""
 
 import pytest
 import torch

@@ -28,14 +28,14 @@ from utils.eval.sandbox import isolation, run_programs
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "humaneval-x").is_dir() or not (SHARED_DATA / "multipl-e").is_dir(),
                                 reason="../shared/data/humaneval-x and multipl-e are not here")
 
-# Canonical solutions that fail because the benchmark itself is broken (see README, "Known-broken
-# problems"): task_id -> the reason, found by reading the failing program.
+# Canonical solutions that fail because the benchmark itself is broken (docs/evaluation.md, "Checked on
+# known answers"): task_id -> the reason, found by reading the failing program.
 BROKEN_CANONICAL = {
     "JavaScript/112": "returns (z, false): JavaScript's comma operator makes that `false`, not ['bcd', false]",
     "JavaScript/155": "loops while num > 0, so evenOddCount(0) gives [0, 0]; the test wants [1, 0]",
     "Rust/50": "the test calls rand's gen_range(low, high), gone since rand 0.8 (CodeGeeX pinned 0.4; Debian has 0.8)",
 }
-# Canonical solutions that pass or fail by chance (see the same README table).
+# Canonical solutions that pass or fail by chance (see the same table in docs/evaluation.md).
 FLAKY_CANONICAL = {
     "Go/95": "it stops at the second key that agrees with the first, and Go randomizes map order: "
              "{'p', 'A', 'B'} gives true when 'A' and 'B' come first",
