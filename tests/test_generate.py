@@ -23,10 +23,10 @@ INSTRUCTIONS = [
 ]
 
 
-def plain_greedy(model, tokenizer, instruction, input, max_new_tokens):
+def plain_greedy(model, tokenizer, *, instruction, input, max_new_tokens):
     """model.generate on one unpadded prompt, the response cut as the template says."""
     prompter = Prompter()
-    batch = tokenizer(prompter.generate_prompt(instruction, input), return_tensors="pt")
+    batch = tokenizer(prompter.generate_prompt(instruction, input=input), return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
     text = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -44,7 +44,7 @@ def test_cli_answer_equals_plain_greedy_generate(tiny_llama_dir):
     result = run_generate("--base_model", tiny_llama_dir, "--instruction", instruction, "--input", input,
                           "--temperature", 0, "--max_new_tokens", 16)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.rstrip("\n") == plain_greedy(model, tokenizer, instruction, input, 16)
+    assert result.stdout.rstrip("\n") == plain_greedy(model, tokenizer, instruction=instruction, input=input, max_new_tokens=16)
 
 
 def test_batched_file_mode_equals_one_by_one_greedy(tiny_llama_dir, tmp_path):
@@ -57,7 +57,8 @@ def test_batched_file_mode_equals_one_by_one_greedy(tiny_llama_dir, tmp_path):
     lines = [json.loads(line) for line in answers.read_text().splitlines()]
     model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir))
     assert [(line["instruction"], line["input"]) for line in lines] == INSTRUCTIONS
-    assert [line["response"] for line in lines] == [plain_greedy(model, tokenizer, i, x, 12) for i, x in INSTRUCTIONS]
+    expected = [plain_greedy(model, tokenizer, instruction=i, input=x, max_new_tokens=12) for i, x in INSTRUCTIONS]
+    assert [line["response"] for line in lines] == expected
 
 
 @pytest.mark.parametrize("content, message", [
@@ -118,7 +119,7 @@ def test_predict_answers_greedily(server):
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     instruction = INSTRUCTIONS[0][0]
     answer = client(server).predict(instruction, *ARGS.values(), False, api_name="/generate")
-    assert answer == plain_greedy(model, tokenizer, instruction, "", 24)
+    assert answer == plain_greedy(model, tokenizer, instruction=instruction, input="", max_new_tokens=24)
 
 
 def test_streamed_job_grows_and_ends_with_the_result(server):
@@ -214,6 +215,20 @@ def test_a_real_browser_streams_an_answer_and_chats(server, tmp_path):
     assert highlighted >= 1  # SmolLM2 answers with a fenced code block, rendered as code
     assert any(m.strip() for m in bot_messages)
     assert (artifacts / "generate_page.png").stat().st_size > 10_000
+
+
+def test_the_pages_stream_grows_to_the_cli_answer(tiny_llama_dir):
+    """The page's stream is the API's (Generator.stream_completion) with the page's settings: it
+    only grows, and ends with the answer the CLI prints.
+    (The tiny model's text has no word breaks to stream at: the server test sees it grow.)"""
+    from utils.serve.generation import Generator
+
+    generator = Generator(str(tiny_llama_dir))
+    instruction, input = INSTRUCTIONS[1]
+    updates = list(generator.stream(instruction, input=input, temperature=0, max_new_tokens=24))
+    assert updates and updates[-1]
+    assert all(later.startswith(earlier) for earlier, later in zip(updates, updates[1:]))
+    assert updates[-1] == generator.answer(instruction, input=input, temperature=0, max_new_tokens=24)
 
 
 def test_adapter_is_merged_in_memory_on_a_full_precision_base(tiny_llama_dir, tmp_path):

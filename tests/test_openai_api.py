@@ -105,7 +105,7 @@ def test_eight_streaming_clients_finish_while_the_page_answers(smollm2_server):
     results = [None] * 8
 
     def ask(i):
-        results[i] = streamed_text(chat(smollm2_server, f"Task number {i}: print {i} in Python.",
+        results[i] = streamed_text(chat(smollm2_server, content=f"Task number {i}: print {i} in Python.",
                                         temperature=0, max_tokens=16, stream=True))
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
