@@ -103,7 +103,7 @@ def fetch_benchmark(url: str, *, target: Path, spec: dict, timeout: float) -> No
             raise CodeUpError(f"{url} did not give rows with {', '.join(spec['fields'])}")
 
 
-def download_benchmarks(folder: Path, base_url: str, overwrite: bool, timeout: float) -> None:
+def download_benchmarks(folder: Path, *, base_url: str, overwrite: bool, timeout: float) -> None:
     for spec in benchmark_files():
         target = folder / spec["target"]
         if target.is_file() and is_valid_benchmark(target, fields=spec["fields"]) and not overwrite:
@@ -154,7 +154,7 @@ def main(output_dir: str = "data/", base_url: str = "", overwrite: bool = False,
     folder = Path(output_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     if benchmarks:
-        download_benchmarks(folder, base_url, overwrite, timeout)
+        download_benchmarks(folder, base_url=base_url, overwrite=overwrite, timeout=timeout)
     if benchmarks == "only":
         return
     for name, url in SOURCES.items():

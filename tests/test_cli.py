@@ -100,8 +100,8 @@ def test_an_old_flag_name_still_works(tmp_path):
 
     calls = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(download, "download_benchmarks", lambda *args: calls.setdefault("benchmarks", args))
-        patch.setattr(download, "fetch", lambda *args: calls.setdefault("fetch", args))
+        patch.setattr(download, "download_benchmarks", lambda *args, **kwargs: calls.setdefault("benchmarks", args))
+        patch.setattr(download, "fetch", lambda *args, **kwargs: calls.setdefault("fetch", args))
         run_cli(download.main, argv=["--output_dir", str(tmp_path), "--only_benchmarks"],
                 aliases={"only_benchmarks": "benchmarks=only"})
     assert "benchmarks" in calls and "fetch" not in calls

@@ -12,9 +12,12 @@ Shared by every stage (import what you need):
 - precision.py: the one policy for dtypes (bf16/fp16/fp32, 8-bit and 4-bit)
 
 Subpackages, one per stage's concern:
-- train/: what finetune.py trains with (per-example attention, the chunked loss, speedups/)
+- train/: what finetune.py and finetune_rl.py train with (per-example attention, the chunked loss,
+  checkpoints, the RL reward, speedups/)
 - serve/: what answers prompts (generation; the OpenAI-compatible API generate.py serves)
-- eval/: what evaluate.py scores with (benchmarks, programs per language, the sandbox, an API client)
+- eval/: what evaluate.py scores with (benchmarks, programs per language, the sandbox, an API client);
+  finetune_rl.py's reward runs through the same programs and sandbox
+- export/: what export_checkpoint.py writes with (the adapter merge, safetensors shards, GGUF)
 The data stage's own helpers (language detection, syntax check) live beside it in data/.
 
 Modules import their heavy libraries themselves, so that e.g. the data stage never loads torch.

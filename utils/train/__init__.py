@@ -1,2 +1,3 @@
-"""What finetune.py trains with: per-example attention for packed rows (attention.py), the loss
-without full logits (loss.py), and the CPU speed-ups behind one switch (speedups/)."""
+"""What the training stages train with: per-example attention for packed rows (attention.py), the loss
+without full logits (loss.py), the CPU speed-ups behind one switch (speedups/), checkpoints every
+training stage writes (checkpoints.py), and finetune_rl.py's problems and sandbox reward (rewards.py)."""
