@@ -85,11 +85,19 @@ OLD_NAMES = [("finetune.py", "--prompt_template_name", "--prompt_template"),
              ("data/download.py", "--only_benchmarks", "--benchmarks only")]
 
 
+@pytest.fixture(scope="module")
+def helps() -> dict[str, str]:
+    """Each script's --help, all started at once (each imports torch: seconds apiece)."""
+    running = {script: subprocess.Popen([sys.executable, str(ROOT / script), "--help"], text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PAGER": "cat"})
+               for script in dict.fromkeys(script for script, _, _ in OLD_NAMES)}
+    return {script: process.communicate(timeout=300)[0] for script, process in running.items()}
+
+
 @pytest.mark.parametrize("script, old, new", OLD_NAMES)
-def test_help_names_each_old_flag_once_beside_todays(script, old, new):
-    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
-                            env={**os.environ, "PAGER": "cat"}, timeout=300)
-    text = result.stdout + result.stderr
+def test_help_names_each_old_flag_once_beside_todays(helps, script, old, new):
+    text = helps[script]
     assert text.count(old + " ") + text.count(old + ")") == 1 and f"{old} (now {new})" in text
     assert f"--{new.split()[0].removeprefix('--')}" in text.replace(f"(now {new})", "")
 
