@@ -15,6 +15,7 @@ model loads; load the base and the adapter (or a new one); train; save what fine
 
 import functools
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def train(
                 report_to=report_to, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
     precision = resolve_precision(precision, stage="training", device="cuda" if cuda else "cpu")
     checkpoint = find_checkpoint(resume_from_checkpoint, output_dir=output_dir)
-    check_adapter(lora_weights)
+    check_adapter(lora_weights, base_model=base_model)
     problems = training_problems(data_path=data_path, mbpp_path=mbpp_path, decontaminate_with=decontaminate_with,
                                  timeout=timeout, allow_unsandboxed=allow_unsandboxed)
 
@@ -170,9 +171,35 @@ def check_flags(*, num_generations: int, prompts_per_step: int, reward: str, rep
         raise CodeUpError("--load_in_8bit and --load_in_4bit: choose one")
 
 
-def check_adapter(lora_weights: str) -> None:
-    if lora_weights and not (Path(lora_weights).expanduser() / "adapter_config.json").is_file():
+def check_adapter(lora_weights: str, *, base_model: str) -> None:
+    """An adapter folder whose every LoRA matrix fits a linear layer of the base: read from the
+    adapter's safetensors header and the base's config on the meta device (no weight is loaded)."""
+    if not lora_weights:
+        return
+    folder = Path(lora_weights).expanduser()
+    if not (folder / "adapter_config.json").is_file():
         raise CodeUpError(f"--lora_weights {lora_weights}: no adapter_config.json (train one with finetune.py)")
+    if not (folder / "adapter_model.safetensors").is_file():
+        return  # an old .bin adapter: PEFT itself says whether it fits, once the base has loaded
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_reference(base_model)))
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as tensors:
+        for key in tensors.keys():
+            match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+            if not match:
+                continue
+            name, matrix = match.groups()
+            shape = tensors.get_slice(key).get_shape()
+            layer = linears.get(name)
+            fits = layer is not None and (shape[1] == layer.in_features if matrix == "A" else shape[0] == layer.out_features)
+            if not fits:
+                raise CodeUpError(f"--lora_weights {lora_weights} is not an adapter of {base_model}: its {key} "
+                                  f"{list(shape)} fits no linear layer of the base")
 
 
 def training_problems(*, data_path: str, mbpp_path: str, decontaminate_with: str, timeout: float,

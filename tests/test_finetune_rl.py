@@ -166,8 +166,9 @@ def run_rl(argv, capsys) -> str:
     ("one generation", "--num_generations must be at least 2"),
     ("not an adapter", "no adapter_config.json"),
     ("no sandbox", "no sandbox on this machine"),
+    ("another model's adapter", "is not an adapter of"),
 ])
-def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, case, expected):
+def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, tiny_llama_dir, case, expected):
     monkeypatch.setattr(finetune_rl, "load_tokenizer", lambda *a, **k: pytest.fail("a model part loaded"))
     data = write_jsonl(tmp_path / "p.jsonl", EASY)
     argv = ["--data_path", str(data), "--mbpp_path", str(MBPP), "--output_dir", str(tmp_path / "out")]
@@ -185,6 +186,16 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypa
         argv += ["--num_generations", "1"]
     elif case == "not an adapter":
         argv += ["--lora_weights", str(tmp_path)]
+    elif case == "another model's adapter":  # a LoRA for a 999-wide q_proj: the tiny Llama's is 64 wide
+        from safetensors.torch import save_file
+        import torch
+
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text("{}")
+        save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 999)},
+                  str(adapter / "adapter_model.safetensors"))
+        argv += ["--lora_weights", str(adapter), "--base_model", str(tiny_llama_dir)]
     elif case == "no sandbox":  # as without root and bubblewrap
         monkeypatch.setattr("utils.eval.sandbox.probe_isolation", lambda: "rlimits")
     assert expected in run_rl(argv, capsys)
