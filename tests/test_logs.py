@@ -66,6 +66,8 @@ def test_an_error_in_the_block_still_shows_what_was_written(capfd):
 
 @pytest.mark.slow  # imports TensorFlow in a fresh process (about 15 s)
 def test_loading_guesslang_prints_nothing():
+    # Imported as data/preprocess.py imports it: data/ and the repository root on the path.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "data"), str(ROOT)])}
     result = subprocess.run([sys.executable, "-c", "from language_detection import Guesslang; Guesslang()"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
