@@ -9,8 +9,10 @@ runs against its problem's tests in evaluate.py's sandbox (utils/train/rewards.p
 assembly and verdict as evaluate.py), and TRL's GRPOTrainer moves the LoRA adapter toward the
 answers that beat their group's mean. The steps, top to bottom: check every flag and the problems
 (decontaminated against the benchmarks evaluate.py scores, each `solution` checked), before any
-model loads; load the base and the adapter (or a new one); train; save what finetune.py saves
-(adapter, prompt_template.json, trainer_state.json) and reward.png.
+model loads; load the base and the adapter (or a new one); train (utils/train/grpo.py: TRL's
+trainer, its sampling and log-probabilities faster on a CPU, inside finetune.py's speed-ups; one line
+says which are on); save what finetune.py saves (adapter, prompt_template.json, trainer_state.json)
+and reward.png.
 """
 
 import functools
@@ -33,6 +35,7 @@ from utils.precision import resolve_precision, torch_dtype
 from utils.prompter import Prompter, read_template_record, save_template_record
 from utils.train import rewards
 from utils.train.checkpoints import MarkCompleteCheckpoints, RecordPromptTemplate, find_checkpoint
+from utils.train.speedups import training_speedups
 
 DEFAULT_MBPP = "data/mbpp.jsonl"
 
@@ -68,6 +71,7 @@ def train(
     seed: int = 42,
     report_to: str = "none",
     use_vllm: bool = False,
+    cpu_speedups: bool = True,
 ):
     """GRPO from unit tests: sample answers, run them against the tests in the sandbox, reinforce those that pass.
 
@@ -106,6 +110,8 @@ def train(
         seed: seeds sampling, LoRA's initialization and the order of problems.
         report_to: none, tensorboard or wandb.
         use_vllm: generate with vLLM (TRL's option; a GPU and the vllm package needed).
+        cpu_speedups: on a CPU, sample and compute the policy's log-probabilities faster (utils/train/grpo.py) and
+            train with finetune.py's speed-ups (utils/train/speedups/); False: TRL's and PEFT's own code throughout.
     """
     cuda = use_this_process_gpu()
     check_flags(num_generations=num_generations, prompts_per_step=prompts_per_step, reward=reward,
@@ -137,7 +143,8 @@ def train(
     template_record = template_record_of(prompt_template=prompt_template, lora_weights=lora_weights,
                                          prompt_format=prompt_format)
     trainer.callback_handler.callbacks.insert(0, RecordPromptTemplate(template_record))
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with training_speedups(trainer, enabled=cpu_speedups, cutoff_len=max_completion_length):
+        trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
@@ -255,13 +262,15 @@ def policy_model(*, base_model: str, lora_weights: str, load_in_8bit: bool, load
 
 def build_trainer(*, model, tokenizer, dataset, reward_function, new_adapter: dict | None, config: dict):
     from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
+
+    from utils.train.grpo import SandboxGRPOTrainer
 
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated")  # TRL's own field name
     args = GRPOConfig(logging_steps=1, gradient_checkpointing=False, remove_unused_columns=False,
                       reward_weights=[1.0, 0.0], save_strategy="steps", disable_tqdm=False, **config)
     peft_config = LoraConfig(**new_adapter, bias="none", task_type="CAUSAL_LM") if new_adapter else None
-    return GRPOTrainer(model=model, reward_funcs=[reward_function, reward_function.pass_rate], args=args,
+    return SandboxGRPOTrainer(model=model, reward_funcs=[reward_function, reward_function.pass_rate], args=args,
                        train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                        callbacks=[MarkCompleteCheckpoints()])
 

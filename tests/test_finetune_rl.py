@@ -202,6 +202,90 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypa
     assert not (tmp_path / "out").exists()
 
 
+# ---- the faster inner steps (utils/train/grpo.py) -------------------------------------------------
+
+def test_linear_log_probs_equal_the_log_softmax_and_its_gradient(monkeypatch):
+    import torch
+
+    from utils.train import loss
+
+    monkeypatch.setitem(loss.CHUNK_ELEMENTS, "cpu", 3 * 50)  # chunks of 16 tokens (the floor): several chunks
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 21, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64)
+    targets = torch.randint(0, 50, (2, 21))
+    upstream = torch.randn(2, 21, dtype=torch.float64)
+    log_probs, entropy = loss.linear_log_probs(hidden, weight, targets, temperature=0.7)
+    (log_probs * upstream).sum().backward()
+    chunked_grad = hidden.grad.clone()
+    hidden.grad = None
+    reference = torch.log_softmax((hidden @ weight.T / 0.7).float(), dim=-1)
+    expected = reference.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (expected * upstream.float()).sum().backward()
+    assert torch.allclose(log_probs, expected, atol=1e-5)
+    assert torch.allclose(entropy, -(reference.exp() * reference).sum(-1), atol=1e-5)
+    assert not entropy.requires_grad
+    assert torch.allclose(chunked_grad, hidden.grad, atol=1e-5)
+
+
+def test_inverse_cdf_sampling_draws_from_the_softmax_and_leaves_one_token():
+    import torch
+
+    from utils.train.grpo import InverseCdfSample
+
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(40000, 1)
+    kept = InverseCdfSample(torch.Generator().manual_seed(0))(None, scores)
+    assert torch.equal((kept == 0).sum(dim=1), torch.ones(40000, dtype=torch.long))
+    drawn = kept.argmax(dim=1)
+    frequencies = torch.bincount(drawn, minlength=5).double() / 40000
+    expected = torch.softmax(scores[0].double(), dim=0)
+    # 40,000 draws: each frequency within 4 standard errors (sqrt(p(1-p)/n) <= 0.0025) of its probability;
+    # the impossible token is never drawn.
+    assert torch.all((frequencies - expected).abs() < 0.01) and frequencies[4] == 0
+
+
+def test_the_policys_log_probabilities_and_gradients_equal_trls(tmp_path, tiny_llama_dir):
+    """SandboxGRPOTrainer's chunked log-probabilities against GRPOTrainer's own (its fused head), fp32
+    (TRL's bf16 default off): the values, the entropies, and the LoRA gradients of the same surrogate."""
+    import torch
+
+    from utils.model_loading import load_tokenizer
+    from utils.prompter import Prompter
+
+    tokenizer = load_tokenizer(str(tiny_llama_dir), padding_side="left")
+    model = finetune_rl.policy_model(base_model=str(tiny_llama_dir), lora_weights="", load_in_8bit=False,
+                                     load_in_4bit=False, dtype=torch.float32)
+    problems = [{**EASY[0], "language": "python"}]
+    reward = rewards.SandboxReward(problems, response_of=Prompter("alpaca").response_from_continuation)
+    dataset = finetune_rl.prompt_dataset(problems, prompter=Prompter("alpaca"))
+    trainer = finetune_rl.build_trainer(
+        model=model, tokenizer=tokenizer, dataset=dataset, reward_function=reward,
+        new_adapter=dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        config=dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                    max_completion_length=6, temperature=0.8, use_cpu=True, bf16=False, report_to="none"))
+    for name, parameter in trainer.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)  # a trained adapter, not zeros
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, tokenizer.vocab_size, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :4] = 0  # a left-padded row
+    results = {}
+    for chunked in (True, False):
+        trainer.chunked_loss = chunked
+        trainer.model.zero_grad()
+        log_probs, entropy, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, 5, compute_entropy=True)
+        (log_probs * torch.linspace(-1, 1, 15).view(3, 5)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results[chunked] = (log_probs.detach(), entropy.detach(), grads)
+    (ours, our_entropy, our_grads), (trls, trl_entropy, trl_grads) = results[True], results[False]
+    assert ours.shape == trls.shape == (3, 5)
+    assert torch.allclose(ours, trls, atol=1e-5) and torch.allclose(our_entropy, trl_entropy, atol=1e-5)
+    assert our_grads.keys() == trl_grads.keys() and len(our_grads) == 8  # 2 layers x q, v x A, B
+    assert all(torch.allclose(our_grads[n], trl_grads[n], atol=1e-6, rtol=1e-4) for n in our_grads)
+
+
 # ---- a run ---------------------------------------------------------------------------------------
 
 @pytest.mark.slow

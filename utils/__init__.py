@@ -13,7 +13,7 @@ Shared by every stage (import what you need):
 
 Subpackages, one per stage's concern:
 - train/: what finetune.py and finetune_rl.py train with (per-example attention, the chunked loss,
-  checkpoints, the RL reward, speedups/)
+  checkpoints, the RL reward and trainer, speedups/)
 - serve/: what answers prompts (generation; the OpenAI-compatible API generate.py serves)
 - eval/: what evaluate.py scores with (benchmarks, programs per language, the sandbox, an API client);
   finetune_rl.py's reward runs through the same programs and sandbox

@@ -95,6 +95,71 @@ def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None, pac
     return total / num_items_in_batch
 
 
+class LinearLogProbs(torch.autograd.Function):
+    """Per-token log p(target) under softmax(hidden @ weight.T / temperature), and the entropy of that
+    distribution (for logging: no gradient), by chunks: GRPO's policy term without the full logits.
+    d log p / d logits = (one-hot - softmax) / temperature does not depend on the loss, so the
+    gradient with respect to each token's hidden state is computed here, while the chunk's softmax
+    is at hand, and the backward only scales it by that token's incoming gradient: the head's
+    matmul runs twice (forward, input gradient), never a third time to recompute the logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_tokens, packed):
+        count = hidden.shape[0]
+        log_probs = torch.empty(count, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(count, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, count, chunk_tokens):
+            h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            logits = (h @ weight.T if packed is None else packed.times_transposed(h)).float()
+            if temperature != 1.0:
+                logits.div_(temperature)
+            rows = torch.arange(t.numel(), device=t.device)
+            shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))  # z - max, in place
+            exponentials = shifted.exp()
+            sums = exponentials.sum(dim=-1)
+            log_sums = sums.log()
+            log_probs[start:start + chunk_tokens] = shifted[rows, t] - log_sums
+            # entropy = log sum e^z - sum p z, both with the max taken out
+            entropy[start:start + chunk_tokens] = log_sums - (exponentials * shifted).sum(dim=-1) / sums
+            if grad_hidden is None:
+                continue
+            grad_logits = exponentials.div_(sums.unsqueeze(-1)).neg_()  # -softmax, in place
+            grad_logits[rows, t] += 1.0
+            if temperature != 1.0:
+                grad_logits.div_(temperature)
+            grad_logits = grad_logits.to(h.dtype)  # each element rounded once to the head's dtype
+            grad_hidden[start:start + chunk_tokens] = grad_logits @ weight if packed is None else packed.times(grad_logits)
+        ctx.save_for_backward(grad_hidden)
+        ctx.mark_non_differentiable(entropy)
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy):
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden is None or grad_log_probs is None:
+            return None, None, None, None, None, None
+        return grad_hidden * grad_log_probs.unsqueeze(-1).to(grad_hidden.dtype), None, None, None, None, None
+
+
+def linear_log_probs(hidden, weight, targets, *, temperature: float = 1.0, packed=None):
+    """(log p(target), entropy) per token, each shaped like targets, from hidden states (..., hidden)
+    and a frozen head's weight, as TRL's GRPOTrainer computes them from the logits divided by the
+    sampling temperature. packed: the head's PackedWeight (utils/train/speedups/packed_weights.py)."""
+    if weight.requires_grad:
+        raise ValueError("linear_log_probs takes a frozen head (its weight gets no gradient here)")
+    device = hidden.device.type
+    chunk_tokens = max(16, CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cuda"]) // weight.shape[0])
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    if dtype != torch.bfloat16:
+        packed = None  # the packs are bf16
+    shape = targets.shape
+    with torch.autocast(device, enabled=False):
+        log_probs, entropy = LinearLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight.to(dtype),
+                                                  targets.reshape(-1), float(temperature), chunk_tokens, packed)
+    return log_probs.view(shape), entropy.view(shape)
+
+
 def head_of(model):
     """The output head of a (PEFT-wrapped) causal LM when the chunked loss computes exactly its
     loss, else None."""
