@@ -271,8 +271,8 @@ def build_trainer(*, model, tokenizer, dataset, reward_function, new_adapter: di
                       reward_weights=[1.0, 0.0], save_strategy="steps", disable_tqdm=False, **config)
     peft_config = LoraConfig(**new_adapter, bias="none", task_type="CAUSAL_LM") if new_adapter else None
     return SandboxGRPOTrainer(model=model, reward_funcs=[reward_function, reward_function.pass_rate], args=args,
-                       train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-                       callbacks=[MarkCompleteCheckpoints()])
+                              train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+                              callbacks=[MarkCompleteCheckpoints()])
 
 
 def template_record_of(*, prompt_template, lora_weights: str, prompt_format) -> dict:

@@ -46,14 +46,14 @@ class SandboxGRPOTrainer(GRPOTrainer):
 
     chunked_loss = True  # utils/train/speedups/ turns it off with the other speed-ups (--cpu_speedups False)
 
-    def _plain_sampling(self) -> bool:
+    def _fast_sampling_applies(self) -> bool:
         return (self.chunked_loss and self.accelerator.device.type == "cpu" and not self.is_fsdp_enabled
                 and not self.is_deepspeed_enabled and not self.use_vllm and not self.use_transformers_continuous_batching
                 and not self.top_k and (self.top_p is None or self.top_p >= 1.0) and not self.min_p
                 and (self.repetition_penalty is None or self.repetition_penalty == 1.0))
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if images or multimodal_fields or not self._plain_sampling():
+        if images or multimodal_fields or not self._fast_sampling_applies():
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images=has_tool_images)
         from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper
@@ -64,8 +64,7 @@ class SandboxGRPOTrainer(GRPOTrainer):
         attention_mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left",
                              pad_to_multiple_of=self.pad_to_multiple_of)
         inputs = {"input_ids": input_ids.to(self.accelerator.device), "attention_mask": attention_mask.to(self.accelerator.device)}
-        processors = LogitsProcessorList([InverseCdfSample()] if self.temperature == 1.0 else
-                                         [TemperatureLogitsWarper(self.temperature), InverseCdfSample()])
+        processors = LogitsProcessorList([TemperatureLogitsWarper(self.temperature), InverseCdfSample()])
         config = GenerationConfig(do_sample=False, max_new_tokens=self.max_completion_length, use_cache=True,
                                   eos_token_id=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id)
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,

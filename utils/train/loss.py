@@ -30,6 +30,16 @@ PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen
                           "phi3", "olmo2"}
 
 
+def head_chunking(hidden, weight) -> tuple[int, torch.dtype]:
+    """(tokens a chunk, the head's matmul dtype) for the chunked head: chunks of CHUNK_ELEMENTS logits,
+    and the dtype the model's own head runs in, autocast's under mixed precision (the hidden states
+    are float32 there when LoRA's float32 output joined the residual stream)."""
+    device = hidden.device.type
+    chunk_tokens = max(16, CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cuda"]) // weight.shape[0])
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return chunk_tokens, dtype
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of cross_entropy(hidden @ weight.T, targets), and its gradient, by chunks."""
 
@@ -80,10 +90,7 @@ def linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None, pac
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     keep = targets != IGNORE_INDEX
     device = hidden.device.type
-    chunk_tokens = max(16, CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cuda"]) // weight.shape[0])
-    # The head's matmul in the dtype the model's own head runs in: autocast's under mixed precision
-    # (the hidden states are float32 there when LoRA's float32 output joined the residual stream).
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    chunk_tokens, dtype = head_chunking(hidden, weight)
     if dtype != torch.bfloat16 or weight.requires_grad:
         packed = None  # the packs are bf16, of a frozen weight
     with torch.autocast(device, enabled=False):
@@ -149,8 +156,7 @@ def linear_log_probs(hidden, weight, targets, *, temperature: float = 1.0, packe
     if weight.requires_grad:
         raise ValueError("linear_log_probs takes a frozen head (its weight gets no gradient here)")
     device = hidden.device.type
-    chunk_tokens = max(16, CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cuda"]) // weight.shape[0])
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    chunk_tokens, dtype = head_chunking(hidden, weight)
     if dtype != torch.bfloat16:
         packed = None  # the packs are bf16
     shape = targets.shape
