@@ -42,6 +42,7 @@ from utils.precision import enable_tf32, resolve_precision, torch_dtype
 from utils.prompter import Prompter
 from utils.train.checkpoints import (CHECKPOINT_COMPLETE, MarkCompleteCheckpoints, find_checkpoint,  # noqa: F401
                                      is_complete_checkpoint, record_prompt_template)  # (tests read them here)
+from utils.train.code_eval import CodeEvaluation
 from utils.train.speedups import training_speedups
 from utils.tokenization import has_trainable_labels, tokenize_for_training
 
@@ -64,6 +65,14 @@ def train(
     seed: int = 42,
     optim: str = "adamw_torch",
     early_stopping_patience: int = 0,
+    metric_for_best_model: str = "",
+    # pass@k while training
+    eval_task: str = "",
+    eval_limit: int = 20,
+    eval_max_new_tokens: int = 512,
+    eval_max_seconds: float = 600,
+    mbpp_path: str = "data/mbpp.jsonl",
+    benchmarks_dir: str = "data/",
     # LoRA
     lora_r: int = 8,
     lora_alpha: int = 16,
@@ -117,9 +126,28 @@ def train(
         optim: the optimizer, by its transformers name: adamw_torch, adamw_torch_fused,
             adamw_8bit or paged_adamw_8bit (bitsandbytes: 8-bit optimizer states; paged ones
             move to CPU memory when the GPU runs out), sgd, adafactor, ...
-        early_stopping_patience: stop when the eval loss has not improved for this many
-            evaluations, and save the best checkpoint's adapter (0: off; needs val_set_size > 0;
-            a checkpoint is then written at each evaluation).
+        early_stopping_patience: stop when the metric_for_best_model has not improved for this
+            many evaluations, and save the best checkpoint's adapter (0: off; a checkpoint is then
+            written at each evaluation).
+        metric_for_best_model: keep the checkpoint best by this metric and save its adapter at the
+            end (a checkpoint is then written at each evaluation): eval_loss (lower is better;
+            needs val_set_size > 0) or eval_<task>_pass@1 of an --eval_task (higher is better).
+            Default: none (the last is saved); with early stopping, eval_loss, or without a
+            validation set the pass@1 of the one --eval_task.
+        eval_task: pass@1 while training: at each evaluation (every eval_steps, with or without a
+            validation set) the adapter answers the first eval_limit problems of these tasks
+            (evaluate.py's: humaneval, mbpp, humanevalx-js, multiple-rs, ...; comma-separated)
+            greedily in the training prompt, evaluate.py's sandbox runs the answers, and
+            eval_<task>_pass@1 is logged beside eval_loss (trainer_state.json, --report_to,
+            loss.png); the answers go to output_dir/eval_samples/step-N/. Default: none.
+        eval_limit: problems per eval_task.
+        eval_max_new_tokens: the longest answer in the pass@1 evaluation (as evaluate.py's
+            --max_new_tokens).
+        eval_max_seconds: generation time limit of each pass@1 evaluation; answers unfinished then
+            count as failed (a warning says so).
+        mbpp_path: MBPP as a jsonl file (for --eval_task mbpp), as evaluate.py takes it.
+        benchmarks_dir: where data/download.py --benchmarks put humaneval-x/ and multipl-e/ (for the
+            HumanEval-X and MultiPL-E eval_tasks).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling (the update is scaled by lora_alpha / lora_r).
         lora_dropout: dropout on the LoRA input.
@@ -170,8 +198,12 @@ def train(
                                     wandb_watch=wandb_watch, wandb_log_model=wandb_log_model)
     checkpoint = find_checkpoint(resume_from_checkpoint, output_dir=output_dir)
     check_optimizer(optim)
-    if early_stopping_patience and val_set_size <= 0:
-        raise CodeUpError("--early_stopping_patience needs a validation set: set --val_set_size above 0")
+    code_evaluation = CodeEvaluation(
+        tasks=parse_list(eval_task), limit=eval_limit, base_model=base_model, prompt_template=prompt_template,
+        mbpp_path=mbpp_path, benchmarks_dir=benchmarks_dir, max_new_tokens=eval_max_new_tokens,
+        max_seconds=eval_max_seconds) if eval_task else None
+    best_metric = choose_best_metric(metric_for_best_model, early_stopping=early_stopping_patience > 0,
+                                     validation=val_set_size > 0, code_evaluation=code_evaluation)
     precision, load_in_8bit, gradient_checkpointing = memory_plan(
         precision=precision, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
         gradient_checkpointing=gradient_checkpointing, cuda=cuda)
@@ -183,6 +215,8 @@ def train(
     # every data error surfaces here, before the model loads; chat: Alpaca, messages and ShareGPT
     # records (mixed, comma-separated files) in the base tokenizer's chat template
     records = load_chat_records(data_path) if prompt_template == CHAT else load_records(data_path)
+    if code_evaluation:
+        code_evaluation.warn_about_overlap(records)
 
     if cuda:
         enable_tf32()
@@ -202,14 +236,15 @@ def train(
         gradient_accumulation_steps=gradient_accumulation_steps, num_epochs=num_epochs, max_steps=max_steps,
         learning_rate=learning_rate, warmup_steps=warmup_steps, optim=optim, precision=precision,
         gradient_checkpointing=gradient_checkpointing, reentrant_checkpointing=checkpoint_reentrant(model),
-        group_by_length=group_by_length, evaluate=val_data is not None,
-        early_stopping=early_stopping_patience > 0, save_steps=save_steps, eval_steps=eval_steps,
+        group_by_length=group_by_length, evaluate=val_data is not None or code_evaluation is not None,
+        best_metric=best_metric, save_steps=save_steps, eval_steps=eval_steps,
         logging_steps=logging_steps, save_total_limit=save_total_limit,
         report_to=report_to, run_name=wandb_run_name, seed=seed, world_size=world_size, cuda=cuda,
     )
     trainer = build_trainer(
         model=model, args=args, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
         packing=packing, early_stopping_patience=early_stopping_patience, callbacks=callbacks,
+        code_evaluation=code_evaluation,
     )
     record_prompt_template(trainer, prompt_template=prompt_template, output_dir=output_dir)
     # The speed-ups (utils/train/speedups/: the same results, faster) are on for the training loop alone.
@@ -254,6 +289,30 @@ def use_this_process_gpu() -> bool:
 
 
 # ---- checks that run before anything heavy ----------------------------------------------
+
+def choose_best_metric(name: str, *, early_stopping: bool, validation: bool, code_evaluation) -> str | None:
+    """The metric that picks the checkpoint kept (None: the last), checked against what the
+    evaluations log: eval_loss with a validation set, eval_<task>_pass@1 with --eval_task."""
+    logged = (["eval_loss"] if validation else []) + (code_evaluation.metric_names() if code_evaluation else [])
+    if not name:
+        if not early_stopping:
+            return None
+        if validation:
+            return "eval_loss"
+        if len(logged) == 1:
+            return logged[0]
+        if not logged:
+            raise CodeUpError("--early_stopping_patience needs an evaluation to watch: a validation set "
+                              "(--val_set_size above 0) or --eval_task")
+        raise CodeUpError(f"--early_stopping_patience: say which metric to watch with --metric_for_best_model "
+                          f"({', '.join(logged)})")
+    name = name if name.startswith("eval_") else f"eval_{name}"
+    if name not in logged:
+        raise CodeUpError(f"--metric_for_best_model {name}: no evaluation logs it; "
+                          + (f"they log {', '.join(logged)}" if logged else
+                             "set --val_set_size above 0 (eval_loss) or --eval_task (eval_<task>_pass@1)"))
+    return name
+
 
 def check_batch_sizes(*, batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """The gradient accumulation steps that make up batch_size."""
@@ -478,13 +537,14 @@ CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in tra
 
 def build_training_arguments(*, output_dir, micro_batch_size, gradient_accumulation_steps, num_epochs, max_steps,
                              learning_rate, warmup_steps, optim, precision, gradient_checkpointing,
-                             reentrant_checkpointing, group_by_length, evaluate, early_stopping, save_steps,
+                             reentrant_checkpointing, group_by_length, evaluate, best_metric=None, save_steps,
                              eval_steps, logging_steps, save_total_limit, report_to, run_name, seed, world_size, cuda):
-    """Every Trainer setting of a finetune.py run, in one place."""
-    if early_stopping and save_steps != eval_steps:
+    """Every Trainer setting of a finetune.py run, in one place. best_metric: the metric that picks
+    the checkpoint kept (choose_best_metric), or None for the last."""
+    if best_metric and save_steps != eval_steps:
         # The best checkpoint can only be kept if one is written at each evaluation.
-        logger.warning(f"--early_stopping_patience: saving a checkpoint at each evaluation (every {eval_steps} "
-                      f"steps) instead of every {save_steps}")
+        logger.warning(f"keeping the best checkpoint by {best_metric}: saving one at each evaluation (every "
+                       f"{eval_steps} steps) instead of every {save_steps}")
         save_steps = eval_steps
     return transformers.TrainingArguments(
         output_dir=output_dir,
@@ -511,9 +571,9 @@ def build_training_arguments(*, output_dir, micro_batch_size, gradient_accumulat
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=save_total_limit,
-        load_best_model_at_end=early_stopping,
-        metric_for_best_model="eval_loss" if early_stopping else None,
-        greater_is_better=False if early_stopping else None,
+        load_best_model_at_end=best_metric is not None,
+        metric_for_best_model=best_metric,
+        greater_is_better=best_metric.endswith("pass@1") if best_metric else None,
         report_to=report_to,
         run_name=run_name or None,
         seed=seed,
@@ -524,7 +584,8 @@ def build_training_arguments(*, output_dir, micro_batch_size, gradient_accumulat
     )
 
 
-def build_trainer(*, model, args, tokenizer, train_data, val_data, packing, early_stopping_patience=0, callbacks=()):
+def build_trainer(*, model, args, tokenizer, train_data, val_data, packing, early_stopping_patience=0, callbacks=(),
+                  code_evaluation=None):
     if packing:
         collator = transformers.DataCollatorWithFlattening()
     else:
@@ -540,6 +601,7 @@ def build_trainer(*, model, args, tokenizer, train_data, val_data, packing, earl
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[*own_callbacks, *callbacks],
+        code_evaluation=code_evaluation,
     )
 
 
@@ -547,9 +609,41 @@ class Trainer(transformers.Trainer):
     """transformers' Trainer, with the training loss computed without the full logits
     (utils/train/loss.py: the same loss, a fraction of the memory; tokens without a label get no
     logits). Evaluation, and architectures whose logits are more than the head's output, keep
-    transformers' own loss."""
+    transformers' own loss. With a code_evaluation (--eval_task), each evaluation also logs
+    eval_<task>_pass@1 (utils/train/code_eval.py), in the same entry as eval_loss, or alone when
+    there is no validation set."""
 
     chunked_loss = True  # utils/train/speedups/ turns it off with the other speed-ups
+
+    def __init__(self, *args, code_evaluation=None, **kwargs):
+        self.code_evaluation = code_evaluation
+        arguments = kwargs["args"]
+        if code_evaluation is None or kwargs.get("eval_dataset") is not None:
+            super().__init__(*args, **kwargs)
+            return
+        # transformers refuses to evaluate without an eval_dataset; here an evaluation is the pass@1 alone.
+        strategy, arguments.eval_strategy = arguments.eval_strategy, "no"
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            arguments.eval_strategy = strategy
+
+    def code_metrics(self) -> dict[str, float]:
+        return self.code_evaluation.score(self.model, step=self.state.global_step, output_dir=self.args.output_dir)
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if self.code_evaluation is not None and metric_key_prefix == "eval":
+            output.metrics.update(self.code_metrics())
+        return output
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self.code_evaluation is None or eval_dataset is not None or self.eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        metrics = self.code_metrics()
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         head = head_of(self.accelerator.unwrap_model(model))
@@ -591,7 +685,20 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     axes.set_ylabel("loss")
     axes.set_title("Training loss")
     axes.grid(alpha=0.3)
-    axes.legend()
+    handles, labels = axes.get_legend_handles_labels()
+    # --eval_task: each task's pass@1 on a second axis (0-100%), beside the losses
+    scores = sorted({name for entry in log_history for name in entry if name.endswith("_pass@1")})
+    if scores:
+        right = axes.twinx()
+        for name, color in zip(scores, ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"] * 3):
+            points = [(entry["step"], 100 * entry[name]) for entry in log_history if name in entry]
+            right.plot(*zip(*points), label=name.removeprefix("eval_"), marker="s", linestyle="--", color=color)
+        right.set_ylabel("pass@1 (%)")
+        right.set_ylim(0, 100)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    if handles:
+        axes.legend(handles, labels)
     figure.tight_layout()
     with replacing(path) as temp:  # a killed run never leaves half a picture
         figure.savefig(temp, dpi=100, format="png")

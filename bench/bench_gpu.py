@@ -161,7 +161,7 @@ def run_ours(base, data, *, checkpointing, steps, micro_batch, precision, cuda, 
         output_dir=work, micro_batch_size=micro_batch, gradient_accumulation_steps=1, num_epochs=1, max_steps=steps,
         learning_rate=1e-4, warmup_steps=0, optim="adamw_torch", precision=precision,
         gradient_checkpointing=checkpointing, reentrant_checkpointing=finetune.checkpoint_reentrant(model),
-        group_by_length=False, evaluate=False, early_stopping=False,
+        group_by_length=False, evaluate=False,
         save_steps=10**9, eval_steps=10**9, logging_steps=10**9, save_total_limit=1, report_to="none", run_name="",
         seed=0, world_size=1, cuda=cuda,
     )

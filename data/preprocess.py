@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.eval.benchmarks import benchmark_texts  # noqa: E402
+from utils.eval.benchmarks import benchmark_texts, ngrams  # noqa: E402
 from utils.cli import parse_list, run_cli  # noqa: E402
 from utils.errors import CodeUpError  # noqa: E402
 from utils.files import read_json, read_records, replacing  # noqa: E402
@@ -173,13 +173,6 @@ def is_python_by_default(record: dict, *, input_language: str | None, output_lan
 
 def normalized_key(record: dict) -> str:
     return " ".join(f"{record['instruction']}\n{record['input']}".lower().split())
-
-
-def ngrams(text: str, *, n: int) -> set[tuple]:
-    """Lower-cased whitespace tokens: for code, a token such as `arr[j+1]:` keeps its punctuation,
-    so 13 of them span a distinctive stretch rather than generic keywords."""
-    tokens = text.lower().split()
-    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
 
 
 def decontamination_sources(decontaminate_with) -> list[str]:

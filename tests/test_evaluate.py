@@ -13,8 +13,9 @@ from conftest import ROOT, SHARED_DATA
 
 import evaluate  # noqa: E402
 from utils.eval.benchmarks import load_humaneval
+from utils.eval import scoring
 from utils.eval.programs import humaneval_program
-from utils.eval.sandbox import isolation
+from utils.eval.sandbox import isolation, run_programs
 from test_sandbox_isolation import harness_uids  # the uid registry's tests say how to read it
 
 MBPP = SHARED_DATA / "mbpp.jsonl"
@@ -76,11 +77,11 @@ def test_empty_completions_score_zero(tmp_path):
     (1, 1, 1, 1.0),
 ])
 def test_pass_at_k_matches_hand_computed_values(n, c, k, expected):
-    assert evaluate.pass_at_k(n, c, k) == pytest.approx(expected)
+    assert scoring.pass_at_k(n, c, k) == pytest.approx(expected)
 
 
 def test_mean_pass_at_k_skips_k_above_n():
-    scores = evaluate.mean_pass_at_k({"a": [True, False], "b": [False, False]}, [1, 2, 10])
+    scores = scoring.mean_pass_at_k({"a": [True, False], "b": [False, False]}, [1, 2, 10])
     assert scores == {"pass@1": pytest.approx(0.25), "pass@2": pytest.approx(0.5)}
 
 
@@ -97,7 +98,7 @@ def test_a_whole_function_or_a_body_both_complete_the_prompt():
     body = problem["canonical_solution"]
     whole = "def truncate_number(number: float) -> float:\n" + body
     for code in (body, whole):
-        assert evaluate.run_programs([humaneval_program(problem, code)], progress=False)[0].passed
+        assert run_programs([humaneval_program(problem, code)], progress=False)[0].passed
 
 
 @pytest.mark.skipif(not MBPP.is_file(), reason="../shared/data is not here")
@@ -114,7 +115,7 @@ def test_mbpp_reference_code_passes_on_the_test_split(tmp_path):
 
 @pytest.mark.skipif(not MBPP.is_file(), reason="../shared/data is not here")
 def test_mbpp_prompts_state_the_function_name():
-    problems = evaluate.load_problems("mbpp", str(MBPP), limit=3)
+    problems = scoring.load_problems("mbpp", str(MBPP), limit=3)
     assert [p["task_id"] for p in problems] == ["MBPP/11", "MBPP/12", "MBPP/13"]
     assert "The function is called `remove_Occ`." in problems[0]["instruction"]
     assert problems[0]["tests"][0] in problems[0]["instruction"]
@@ -219,10 +220,10 @@ def sandbox_processes(harness_pid):
 def test_programs_run_without_the_harness_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CODEUP_SECRET_TOKEN", "hunter2")
     probe = "import os\nassert 'CODEUP_SECRET_TOKEN' not in os.environ\nassert os.getcwd() != " + repr(os.getcwd())
-    [outcome] = evaluate.run_programs([probe], progress=False)
+    [outcome] = run_programs([probe], progress=False)
     assert outcome.passed, outcome.message
     if os.geteuid() == 0:
-        [outcome] = evaluate.run_programs(["import os\nassert os.getuid() != 0"], progress=False)
+        [outcome] = run_programs(["import os\nassert os.getuid() != 0"], progress=False)
         assert outcome.passed, outcome.message
 
 
@@ -254,7 +255,7 @@ def test_a_killed_harness_leaves_no_program_behind():
 
 @pytest.mark.skipif(isolation() != "namespaces", reason="needs root (namespaces)")
 def test_programs_see_no_network():
-    [outcome] = evaluate.run_programs(
+    [outcome] = run_programs(
         ["import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', 9))"], progress=False)
     assert not outcome.passed and "unreachable" in outcome.message.lower()
 

@@ -1,8 +1,10 @@
 """The training stage on the tiny random Llama (fast) and on SmolLM2-135M with real records."""
 
+import functools
 import gc
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -214,16 +216,177 @@ def test_8bit_base_trains_on_cpu(tiny_llama_dir, data_file, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tiny_llama_dir, data_file, tmp_path):
-    flags = tiny_flags(tiny_llama_dir, data_file, tmp_path / "ddp", max_steps=2)
+    import evaluate
+
+    # Also pass@1 while training: each process answers half of the problems.
+    flags = tiny_flags(tiny_llama_dir, data_file, tmp_path / "ddp", max_steps=2, eval_task="humaneval", eval_limit=3,
+                       eval_steps=2, save_steps=2, eval_max_new_tokens=32)
     result = run_finetune("--nproc_per_node", "2", "finetune.py", *[f"--{k}={v}" for k, v in flags.items()],
                           module="torch.distributed.run", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+    [logged] = [entry["eval_humaneval_pass@1"] for entry in state["log_history"] if "eval_humaneval_pass@1" in entry]
+    evaluate.main(task="humaneval", base_model=str(tiny_llama_dir), lora_weights=str(tmp_path / "ddp" / "checkpoint-2"),
+                  limit=3, max_new_tokens=32, output_dir=str(tmp_path / "evaluate"))
+    assert logged == json.loads((tmp_path / "evaluate" / "humaneval_results.json").read_text())["pass@1"]
+    in_training = samples_of(tmp_path / "ddp" / "eval_samples" / "step-2")
+    assert [(s["task_id"], s["response"]) for s in in_training] == \
+           [(s["task_id"], s["response"]) for s in samples_of(tmp_path / "evaluate")]
     assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
     # Each of the 2 processes takes micro_batch_size 4 and accumulates 8 // 4 // 2 = 1 step.
     args = torch.load(tmp_path / "ddp" / "training_args.bin", weights_only=False)
     assert args.gradient_accumulation_steps == 1 and args.world_size == 2
+
+
+# ---- pass@1 while training (--eval_task) ----------------------------------------------------
+
+def samples_of(folder, task="humaneval"):
+    return [json.loads(line) for line in (folder / f"{task}_samples.jsonl").read_text().splitlines()]
+
+
+def test_pass_at_1_is_logged_at_each_evaluation_and_is_what_evaluate_py_gives(tiny_llama_dir, data_file, tmp_path, capsys):
+    import evaluate
+
+    output = tmp_path / "out"
+    finetune.train(**tiny_flags(tiny_llama_dir, data_file, output, eval_task="humaneval", eval_limit=3, eval_steps=2,
+                                save_steps=2, eval_max_new_tokens=48))
+    state = json.loads((output / "trainer_state.json").read_text())
+    logged = {entry["step"]: entry["eval_humaneval_pass@1"] for entry in state["log_history"]
+              if "eval_humaneval_pass@1" in entry}
+    assert sorted(logged) == [2, 4]  # every evaluation, without a validation set
+    for step in (2, 4):
+        evaluate.main(task="humaneval", base_model=str(tiny_llama_dir), lora_weights=str(output / f"checkpoint-{step}"),
+                      limit=3, max_new_tokens=48, output_dir=str(tmp_path / f"evaluate-{step}"))
+        scored = json.loads((tmp_path / f"evaluate-{step}" / "humaneval_results.json").read_text())
+        assert scored["problems"] == 3 and logged[step] == scored["pass@1"]
+        # The same answers, word for word: the same prompts, greedy decoding and scorer.
+        in_training, by_evaluate = samples_of(output / "eval_samples" / f"step-{step}"), samples_of(tmp_path / f"evaluate-{step}")
+        assert [s["task_id"] for s in in_training] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+        assert [(s["prompt"], s["response"], s["passed"]) for s in in_training] == \
+               [(s["prompt"], s["response"], s["passed"]) for s in by_evaluate]
+
+
+def scripted_answers(monkeypatch, script):
+    """The in-training evaluations answer from `script` (one function of a problem per evaluation)
+    instead of the model: the scorer and the sandbox are the real ones."""
+    from utils.eval.programs import extract_code
+    from utils.train import code_eval
+
+    evaluations = iter(script)
+
+    def answer_problems(generator, problems, **settings):
+        answer = next(evaluations)
+        return [{"task": p["task"], "task_id": p["task_id"], "prompt": "", "response": answer(p),
+                 "code": extract_code(answer(p), p)} for p in problems]
+
+    monkeypatch.setattr(code_eval, "answer_problems", answer_problems)
+
+
+def test_pass_at_1_picks_the_checkpoint_kept(tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    # Evaluation 1: programs that never end (the sandbox's timeout ends them); 2: the reference
+    # solutions; 3: a syntax error. The best is step 4's, though the loss is lowest at step 6.
+    scripted_answers(monkeypatch, [lambda p: f"def {p['entry_point']}(*args):\n    while True:\n        pass\n",
+                                   lambda p: p["prompt"] + p["canonical_solution"],
+                                   lambda p: "def broken(:\n"])
+    output = tmp_path / "best"
+    trainer = finetune.train(**tiny_flags(tiny_llama_dir, data_file, output, max_steps=6, eval_task="humaneval",
+                                          eval_limit=2, eval_steps=2,
+                                          metric_for_best_model="eval_humaneval_pass@1"))
+    scores = [entry["eval_humaneval_pass@1"] for entry in trainer.state.log_history if "eval_humaneval_pass@1" in entry]
+    assert scores == [0.0, 1.0, 0.0]
+    timed_out = samples_of(output / "eval_samples" / "step-2")
+    assert [s["status"] for s in timed_out] == ["timeout", "timeout"]
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
+    saved, best = adapter_weights(output), adapter_weights(output / "checkpoint-4")
+    assert all(torch.equal(saved[name], best[name]) for name in best)
+    assert not all(torch.equal(saved[name], last) for name, last in adapter_weights(output / "checkpoint-6").items())
+
+
+@pytest.mark.parametrize("trouble", ["time limit", "error"])
+def test_a_failing_evaluation_costs_no_step_and_no_checkpoint(tiny_llama_dir, data_file, tmp_path, monkeypatch, capfd, trouble):
+    flags = dict(max_steps=4, eval_task="humaneval", eval_limit=2, eval_steps=2, save_steps=2)
+    if trouble == "time limit":
+        flags["eval_max_seconds"] = 1e-3
+    else:
+        from utils.train import code_eval
+
+        def crash(*args, **kwargs):
+            raise RuntimeError("the GPU caught fire")
+
+        monkeypatch.setattr(code_eval, "answer_problems", crash)
+    output = tmp_path / trouble.replace(" ", "-")
+    trainer = finetune.train(**tiny_flags(tiny_llama_dir, data_file, output, **flags))
+    scores = [entry["eval_humaneval_pass@1"] for entry in trainer.state.log_history if "eval_humaneval_pass@1" in entry]
+    assert trainer.state.global_step == 4 and len(scores) == 2
+    assert (output / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    stderr = capfd.readouterr().err
+    if trouble == "time limit":
+        assert scores == [0.0, 0.0] and "reached --eval_max_seconds" in stderr
+    else:
+        assert all(score != score for score in scores)  # NaN
+        assert "the pass@1 evaluation at step 2 failed (RuntimeError: the GPU caught fire)" in stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(eval_task="apps"), "--eval_task 'apps' is not a task evaluate.py knows"),
+    (dict(eval_task="humaneval", eval_limit=0), "--eval_limit must be at least 1"),
+    (dict(eval_task="humaneval", metric_for_best_model="eval_mbpp_pass@1"),
+     "--metric_for_best_model eval_mbpp_pass@1: no evaluation logs it; they log eval_humaneval_pass@1"),
+    (dict(eval_task="humaneval", metric_for_best_model="loss"), "--metric_for_best_model eval_loss: no evaluation logs it"),
+    (dict(metric_for_best_model="humaneval_pass@1"), "--metric_for_best_model eval_humaneval_pass@1: no evaluation logs it; set"),
+    (dict(eval_task="humaneval,mbpp", mbpp_path="missing.jsonl"), "missing.jsonl"),
+    (dict(eval_task="humaneval,humanevalx-go"), "go"),
+])
+def test_bad_eval_flags_fail_before_the_model_loads(tiny_llama_dir, data_file, tmp_path, monkeypatch, flags, message):
+    from utils.eval import multilingual
+
+    real_which = multilingual.shutil.which
+    monkeypatch.setattr(multilingual.shutil, "which", lambda tool, path=None: None if tool == "go" else real_which(tool, path=path))
+    monkeypatch.setattr(finetune, "load_tokenizer", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    with pytest.raises(CodeUpError, match=re.escape(message)):
+        finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "x", **flags))
+
+
+class Tasks:
+    def __init__(self, *names):
+        self.names = names
+
+    def metric_names(self):
+        return [f"eval_{name}_pass@1" for name in self.names]
+
+
+@pytest.mark.parametrize("name, early_stopping, validation, tasks, expected", [
+    ("", False, True, Tasks("humaneval"), None),  # nothing named: the last checkpoint
+    ("", True, True, Tasks("humaneval"), "eval_loss"),
+    ("", True, False, Tasks("humaneval"), "eval_humaneval_pass@1"),  # early stopping on the one pass@1
+    ("humaneval_pass@1", False, True, Tasks("humaneval", "mbpp"), "eval_humaneval_pass@1"),
+    ("", True, False, Tasks("humaneval", "mbpp"), "say which metric to watch"),
+    ("", True, False, None, "needs an evaluation to watch"),
+])
+def test_the_metric_that_picks_the_checkpoint(name, early_stopping, validation, tasks, expected):
+    choose = functools.partial(finetune.choose_best_metric, name, early_stopping=early_stopping, validation=validation,
+                               code_evaluation=tasks)
+    if expected and not expected.startswith("eval_"):
+        with pytest.raises(CodeUpError, match=expected):
+            choose()
+    else:
+        assert choose() == expected
+
+
+def test_training_data_that_overlaps_the_scored_problems_is_warned_about(capfd):
+    from utils.eval.benchmarks import load_humaneval
+    from utils.train.code_eval import CodeEvaluation
+
+    evaluation = CodeEvaluation(tasks=["humaneval"], limit=5, base_model="unused", prompt_template="alpaca",
+                                mbpp_path="", benchmarks_dir="", max_new_tokens=64, max_seconds=60)
+    problem = load_humaneval()[3]
+    clean = [{"instruction": "Write a function that adds two numbers.", "input": "", "output": "def add(a, b): return a + b"}]
+    assert evaluation.warn_about_overlap(clean) == 0 and "warning" not in capfd.readouterr().err
+    leaked = clean + [{"instruction": "Complete this.", "input": problem["prompt"], "output": problem["canonical_solution"]}]
+    assert evaluation.warn_about_overlap(leaked) == 1
+    assert "1 of the 5 problems --eval_task scores share a 13-gram with the training data (HumanEval/3 (record 1))" \
+        in capfd.readouterr().err
 
 
 # ---- a real model on real data -----------------------------------------------------------
@@ -438,7 +601,7 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_llama_dir, data_file, tmp_
 
 
 def test_early_stopping_needs_a_validation_set(tiny_llama_dir, data_file, tmp_path):
-    with pytest.raises(CodeUpError, match="--early_stopping_patience needs a validation set"):
+    with pytest.raises(CodeUpError, match="--early_stopping_patience needs an evaluation to watch"):
         finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "x", early_stopping_patience=2))
 
 
@@ -448,7 +611,7 @@ def training_arguments(tmp_path, **overrides):
     options = dict(output_dir=str(tmp_path), micro_batch_size=4, gradient_accumulation_steps=2, num_epochs=1,
                    max_steps=10, learning_rate=1e-3, warmup_steps=0, optim="adamw_torch", precision="fp32",
                    gradient_checkpointing=False, reentrant_checkpointing=False, group_by_length=False, evaluate=True,
-                   early_stopping=False,
+                   best_metric=None,
                    save_steps=200, eval_steps=200, logging_steps=1, save_total_limit=1, report_to="none",
                    run_name="", seed=1, world_size=1, cuda=False)
     return finetune.build_training_arguments(**{**options, **overrides})

@@ -23,6 +23,7 @@ from utils import files
 from utils.eval import multilingual
 from utils.errors import CodeUpError
 from utils.eval import sandbox
+from utils.eval.programs import build_program
 from utils.eval.sandbox import isolation, run_programs
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "humaneval-x").is_dir() or not (SHARED_DATA / "multipl-e").is_dir(),
@@ -63,7 +64,7 @@ def by_id(task):
 
 
 def run(task, problem_code_pairs, timeout=20.0):
-    jobs = [evaluate.build_program(task, problem, code, timeout) for problem, code in problem_code_pairs]
+    jobs = [build_program(task, problem, code, timeout) for problem, code in problem_code_pairs]
     return run_programs(jobs, workers=2, progress=False)
 
 

@@ -15,8 +15,9 @@ Subpackages, one per stage's concern:
 - train/: what finetune.py and finetune_rl.py train with (per-example attention, the chunked loss,
   checkpoints, the RL reward and trainer, speedups/)
 - serve/: what answers prompts (generation; the OpenAI-compatible API generate.py serves)
-- eval/: what evaluate.py scores with (benchmarks, programs per language, the sandbox, an API client);
-  finetune_rl.py's reward runs through the same programs and sandbox
+- eval/: what evaluate.py scores with (its scorer, benchmarks, programs per language, the sandbox, an API
+  client); finetune_rl.py's reward and finetune.py's pass@1 while training run through the same
+  programs and sandbox
 - export/: what export_checkpoint.py writes with (the adapter merge, safetensors shards, GGUF)
 The data stage's own helpers (language detection, syntax check) live beside it in data/.
 

@@ -5,6 +5,14 @@ from utils.errors import CodeUpError
 from utils.files import read_jsonl
 
 
+def ngrams(text: str, *, n: int) -> set[tuple]:
+    """The n-grams that decontamination compares (13 by default, in every stage): lower-cased
+    whitespace tokens; for code, a token such as `arr[j+1]:` keeps its punctuation, so 13 of them
+    span a distinctive stretch rather than generic keywords."""
+    tokens = text.lower().split()
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
 def load_humaneval() -> list[dict]:
     """The 164 HumanEval problems: task_id, prompt, canonical_solution, test, entry_point."""
     try:

@@ -85,6 +85,17 @@ class Generator:
         self.model.eval()
         self.lock = threading.Lock()
 
+    @classmethod
+    def around(cls, model, *, tokenizer, prompt_template: str):
+        """A Generator over a model already in memory (finetune.py's, in training, for its pass@k):
+        the caller puts it in eval mode and back. tokenizer: one that pads on the left."""
+        generator = cls.__new__(cls)
+        generator.chat = prompt_template == CHAT
+        generator.model, generator.tokenizer = model, tokenizer
+        generator.prompter = ChatPrompter(tokenizer) if generator.chat else Prompter(prompt_template)
+        generator.lock = threading.Lock()
+        return generator
+
     def settings(self, **settings) -> GenerationConfig:
         """The page's settings (clamp_settings), as a generation config."""
         return self.config(**clamp_settings(**settings))
@@ -102,6 +113,7 @@ class Generator:
             stop_strings=[*self.prompter.section_headers, *stop] or None,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,  # a model in training has it off in its config
         )
 
     def _inputs(self, prompts, *, add_special_tokens=None):
@@ -228,12 +240,15 @@ class Generator:
         """The response to one instruction (the page's settings: clamp_settings)."""
         return self.answer_batch([(instruction, input)], **settings)[0]
 
-    def answer_batch(self, records, **settings) -> list[str]:
-        """Responses to (instruction, input) pairs, generated together (left padding)."""
+    def answer_batch(self, records, *, max_time: float | None = None, **settings) -> list[str]:
+        """Responses to (instruction, input) pairs, generated together (left padding). max_time:
+        seconds after which generation stops (the answers so far are returned)."""
         prompts = [self.prompter.generate_prompt(instruction, input=input) for instruction, input in records]
         inputs = self._inputs(prompts)
+        config = self.settings(**settings)
+        config.max_time = max_time
         with self.lock, torch.no_grad():
-            output = self.model.generate(**inputs, generation_config=self.settings(**settings), tokenizer=self.tokenizer)
+            output = self.model.generate(**inputs, generation_config=config, tokenizer=self.tokenizer)
         continuations = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return [self.prompter.response_from_continuation(text) for text in continuations]
 

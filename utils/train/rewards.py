@@ -23,7 +23,7 @@ from pathlib import Path
 
 from utils.errors import CodeUpError
 from utils.eval import multilingual
-from utils.eval.benchmarks import benchmark_texts, load_humaneval, load_mbpp
+from utils.eval.benchmarks import benchmark_texts, load_humaneval, load_mbpp, ngrams
 from utils.eval.programs import MBPP_TEST_IDS, extract_code, mbpp_problem, mbpp_program
 from utils.eval.sandbox import Limits, run_programs
 from utils.files import NOT_JSON, read_records
@@ -82,12 +82,6 @@ def check_toolchains(problems: list[dict]) -> None:
 
 # ---- decontamination ---------------------------------------------------------------------------
 
-def ngrams(text: str, n: int) -> set[tuple]:
-    """Lower-cased whitespace tokens, as data/preprocess.py's decontamination counts them."""
-    tokens = text.lower().split()
-    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
-
-
 def benchmark_sources(*, mbpp_path: str, decontaminate_with: list[str]) -> list[tuple[str, list[tuple[str, str]]]]:
     """(label, [(task id, text)]) of what evaluate.py scores: HumanEval and MBPP's test split always,
     plus each benchmark named (files or folders, as data/preprocess.py --decontaminate_with takes)."""
@@ -107,12 +101,12 @@ def decontaminate(problems: list[dict], *, sources, n: int = 13) -> tuple[list[d
     index = {}
     for label, texts in sources:
         for _, text in texts:
-            for gram in ngrams(text, n):
+            for gram in ngrams(text, n=n):
                 index.setdefault(gram, label)
     kept, dropped = [], {}
     for problem in problems:
         text = "\n".join([problem["prompt"], problem["tests"], problem.get("solution") or ""])
-        label = next((index[gram] for gram in ngrams(text, n) if gram in index), None)
+        label = next((index[gram] for gram in ngrams(text, n=n) if gram in index), None)
         if label is None:
             kept.append(problem)
         else:
