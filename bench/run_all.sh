@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every benchmark and rewrite bench/RESULTS.md with their tables and this machine's description.
-#   bash bench/run_all.sh          (about 35 minutes on 2 cores; needs ../shared/data or --data_dir)
+#   bash bench/run_all.sh          (about 55 minutes on 2 cores; needs ../shared/data or --data_dir)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -14,7 +14,7 @@ out=bench/RESULTS.md.new
   echo "$($PY -c 'import platform, torch, transformers, peft; print(f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")');"
   echo "GPU: $($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")')."
 } > "$out"
-for bench in bench_preprocess bench_finetune bench_generate bench_evaluate bench_export bench_rl; do
+for bench in bench_preprocess bench_finetune bench_generate bench_evaluate bench_export bench_rl bench_code_eval; do
   echo "== $bench" >&2
   {
     echo
