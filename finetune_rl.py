@@ -94,7 +94,7 @@ def train(
         learning_rate: the LoRA learning rate (5e-4: measured to move a 135M model's reward in tens of steps).
         beta: weight of the KL penalty toward the starting model (0: none, and no reference model in memory).
         reward: pass (1 when every test passes, else 0) or fraction (the share of a Python problem's asserts
-            that pass).
+            that pass, those its prompt quotes left out: a constant answer passes a shown assert).
         timeout: seconds each answer's program may run (compiling has its own, longer limit).
         lora_r: LoRA rank of a new adapter.
         lora_alpha: LoRA alpha of a new adapter.

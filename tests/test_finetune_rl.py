@@ -49,6 +49,35 @@ def test_python_reward_is_the_verdict_and_fraction_counts_asserts():
     assert scores == pytest.approx([2 / 3, 1 / 3, 0.0, 2 / 3]) and passed == [0.0] * 4
 
 
+def test_fraction_leaves_out_the_asserts_the_prompt_shows():
+    """An answer that returns the shown assert's expected value as a constant earns nothing (what
+    SmolLM2 learned on mbpp-train while the shown assert counted); one that is right earns 1."""
+    tests = "assert double(2) == 4\nassert double(0) == 0\nassert double(5) == 10\n"
+    shown = {**EASY[0], "language": "python", "tests": tests,
+             "prompt": "Write `double(x)`. Your code should pass this test:\nassert double(2) == 4"}
+    all_shown = {**shown, "task_id": "all shown", "prompt": "Write `double(x)`:\n" + tests}
+    answers = [("double", "def double(x):\n    return 4\n"), ("double", "def double(x):\n    return 2 * x\n"),
+               ("double", "def double(x):\n    return 0\n"),
+               ("all shown", "def double(x):\n    return 4\n"), ("all shown", "def double(x):\n    return 2 * x\n")]
+    scores, passed = reward_of([shown, all_shown], answers, reward="fraction")
+    # The constant 4 passes only the shown assert: 0 of the 2 hidden; the constant 0 passes one of
+    # them; when the prompt shows every assert, all count (the constant 4 passes 1 of 3).
+    assert scores == pytest.approx([0.0, 1.0, 0.5, 1 / 3, 1.0]) and passed == [0.0, 1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.skipif(not MBPP.is_file(), reason="../shared/data is not here")
+def test_the_constant_answers_rl_learned_on_mbpp_train_earn_nothing():
+    """Answers finetune_rl.py --reward fraction taught SmolLM2 before the shown assert was left out
+    (MBPP-test samples after 60 steps): each returns the shown assert's value and scored 1/3."""
+    tasks = {int(t["task_id"]): t for t in rewards.load_mbpp(str(MBPP)) if int(t["task_id"]) in (11, 13, 14)}
+    problems = [rewards.mbpp_train_problem(tasks[i]) for i in (11, 13, 14)]
+    answers = [("MBPP/11", 'def remove_Occ(str, char):\n    return "heo"'), ("MBPP/13", "def count_common(d):\n    return 4"),
+               ("MBPP/14", "def find_Volume(n, m, k):\n    return 240")]
+    assert reward_of(problems, answers, reward="fraction")[0] == [0.0, 0.0, 0.0]
+    assert reward_of(problems, [(p["task_id"], tasks[i]["code"]) for p, i in zip(problems, (11, 13, 14))],
+                     reward="fraction")[0] == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.skipif(not MBPP.is_file(), reason="../shared/data is not here")
 def test_reward_equals_evaluates_verdict_on_mbpp_answers():
     """The same answers to MBPP problems: reward (through an mbpp-train problem) == evaluate.py's verdict."""

@@ -147,6 +147,20 @@ def go_file_parts(code: str, tests: str) -> tuple[str, str]:
     return head + "\n" + body, GO_IMPORT.sub("", tests)
 
 
+def counted_asserts(problem: dict, count: int) -> list[bool]:
+    """Which of an answer's `count` programs count toward the fraction reward: an assert quoted in
+    the problem's prompt does not (unless every one is), since an answer that returns its
+    expected value as a constant passes it. Measured: on mbpp-train, whose prompts show the first
+    assert, 60 steps of counting it taught SmolLM2 exactly that, and MBPP-test pass@1 fell from
+    0.08 to 0.01 (docs/results.md)."""
+    tests = split_asserts(problem["tests"]) if problem["language"] == "python" else None
+    if not tests or len(tests[1]) != count:
+        return [True] * count
+    prompt = " ".join(problem["prompt"].split())
+    hidden = [" ".join(one.split()) not in prompt for one in tests[1]]
+    return hidden if any(hidden) else [True] * count
+
+
 def split_asserts(tests: str) -> tuple[str, list[str]] | None:
     """(the setup statements, each top-level assert) of Python tests with two asserts or more."""
     try:
@@ -162,7 +176,8 @@ class SandboxReward:
     """TRL reward function: for each completion, the sandbox's verdict on its problem's tests.
 
     reward="pass": 1.0 when every test passes, else 0.0; "fraction": the share of a Python
-    problem's asserts that pass (other problems: pass). Compile errors, crashes and timeouts are 0.
+    problem's asserts that pass, those quoted in its prompt left out (other problems: pass).
+    Compile errors, crashes and timeouts are 0.
     All completions of a step run at once, `workers` at a time. `pass_rate` (a second reward
     function, weighted 0 by finetune_rl.py) logs the share of completions that pass whole."""
 
@@ -178,17 +193,18 @@ class SandboxReward:
 
     def scores(self, completions: list[str], task_ids: list[str]) -> tuple[list[float], list[bool]]:
         """(reward, passed whole) per completion."""
-        plans = []
+        plans, counted = [], []
         for completion, task_id in zip(completions, task_ids):
             problem = self.problems[task_id]
             code = extract_code(self.response_of(completion))
             plans.append(answer_programs(problem, code, timeout=self.timeout, fraction=self.reward == "fraction"))
+            counted.append(counted_asserts(problem, len(plans[-1])))
         flat = [program for programs in plans for program in programs]
         outcomes = iter(run_programs(flat, limits=Limits(timeout=self.timeout), workers=self.workers, progress=False))
         rewards, passed = [], []
-        for programs in plans:
+        for programs, counts in zip(plans, counted):
             verdicts = [next(outcomes).passed for _ in programs]
-            rewards.append(sum(verdicts) / len(verdicts))
+            rewards.append(sum(v for v, c in zip(verdicts, counts) if c) / sum(counts))
             passed.append(all(verdicts))
         return rewards, passed
 
