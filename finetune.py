@@ -4,17 +4,23 @@
     python finetune.py --base_model meta-llama/Llama-2-7b-hf --load_in_8bit \\
         --lora_target_modules '[q_proj,k_proj,v_proj,o_proj]' --lora_r 16 --micro_batch_size 16
     torchrun --nproc_per_node 2 finetune.py ...      # several processes (GPUs, or gloo on CPU)
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml finetune.py ...   # the base sharded (FSDP)
 
 The steps, top to bottom: check every flag and the data (before any model loads), tokenize with
 the prompt masked out of the labels, load the base model, wrap it with LoRA, train with the
-transformers Trainer (checkpoints, resume, DDP, evaluation, logging), then save the adapter,
-the trainer's state and loss.png in --output_dir.
+transformers Trainer (checkpoints, resume, DDP or FSDP, evaluation, logging), then save the adapter,
+the trainer's state and loss.png in --output_dir. Under an FSDP launch configuration
+(configs/accelerate/), utils/train/sharding.py decides before anything loads what the run does with
+the base (shard it, train DDP instead, or refuse), and the run says it in one line.
 """
 
+import contextlib
 import functools
 import importlib.util
 import os
 import re
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 from utils.logs import logger, progress_bars_wanted  # first: it silences known-harmless notices the libraries print on import
@@ -39,11 +45,13 @@ from utils.model_loading import (
 )
 from utils.train.speedups.packed_weights import packed_weight_of
 from utils.precision import enable_tf32, resolve_precision, torch_dtype
+from utils.train.sharding import (GatheredAdapterCheckpoints, FsdpPlan, fsdp_activation_checkpointing, fsdp_plan,
+                                  launch_precision, save_gathered_adapter, use_fsdp_state)
 from utils.prompter import Prompter
 from utils.train.checkpoints import (CHECKPOINT_COMPLETE, MarkCompleteCheckpoints, find_checkpoint,  # noqa: F401
                                      is_complete_checkpoint, record_prompt_template)  # (tests read them here)
 from utils.train.code_eval import CodeEvaluation
-from utils.train.speedups import training_speedups
+from utils.train.speedups import attention_entry, training_speedups
 from utils.tokenization import has_trainable_labels, tokenize_for_training
 
 def train(
@@ -160,13 +168,18 @@ def train(
         group_by_length: batch examples of similar length together (less padding, faster).
         packing: padding-free batches: the examples of a micro-batch are concatenated into one
             row, with position ids restarting at each example so that none attends to another.
-        load_in_8bit: 8-bit base (LLM.int8); default: on when CUDA is present.
-        load_in_4bit: 4-bit NF4 base (QLoRA).
+        load_in_8bit: 8-bit base (LLM.int8); default: on when CUDA is present, except under an
+            FSDP launch configuration (an 8-bit base cannot be sharded: asking for it there is an error).
+        load_in_4bit: 4-bit NF4 base (QLoRA); sharded with configs/accelerate/fsdp_qlora.yaml (FSDP1,
+            the 4-bit weights stored in the compute dtype), not with FSDP2.
         precision: auto (bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32;
-            the precision table in docs/hardware.md), bf16, fp16 or fp32.
+            the precision table in docs/hardware.md), bf16, fp16 or fp32. Under `accelerate
+            launch`, auto is the configuration's mixed_precision when it names bf16 or fp16, and an
+            explicit precision that disagrees with it is an error.
         gradient_checkpointing: recompute activations in the backward pass: much less memory,
             about a third slower. Default: on for an 8-bit or 4-bit base (the paper's setup: what
-            lets 7B fit a 24 GB card), off otherwise.
+            lets 7B fit a 24 GB card), off otherwise. Under FSDP too this is the one activation
+            checkpointing (a launch configuration with fsdp_activation_checkpointing is refused).
         attn_implementation: auto (packed rows: attention over each example alone, with
             flash_attention_2 on a GPU when installed, else sdpa_per_example; padded batches:
             sdpa; models with a sliding window, soft-capping or sinks: transformers' own),
@@ -174,7 +187,8 @@ def train(
         cpu_speedups: the training speed-ups (utils/train/speedups/: per-example attention, the
             chunked loss and, on a CPU, faster LoRA dropout, RMSNorm, rotary and packed frozen
             weights; the same results). False: transformers' and PEFT's own code throughout. The
-            run prints one line saying which are on, which are off and why.
+            run prints one line saying which are on, which are off and why (with the base sharded
+            by FSDP, the CPU kernels are off).
         save_steps: steps between checkpoints.
         eval_steps: steps between evaluations (when val_set_size > 0).
         logging_steps: steps between loss logs.
@@ -198,6 +212,11 @@ def train(
                                     wandb_watch=wandb_watch, wandb_log_model=wandb_log_model)
     checkpoint = find_checkpoint(resume_from_checkpoint, output_dir=output_dir)
     check_optimizer(optim)
+    # what an FSDP launch configuration does with this base: decided (and said, or refused) before loading
+    sharding, load_in_8bit = plan_sharding(cuda=cuda, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                                           eval_task=eval_task)
+    precision = match_launch_precision(precision, cuda=cuda)
+    check_checkpoint_sharding(checkpoint, sharded=sharding.sharded)
     code_evaluation = CodeEvaluation(
         tasks=parse_list(eval_task), limit=eval_limit, base_model=base_model, prompt_template=prompt_template,
         mbpp_path=mbpp_path, benchmarks_dir=benchmarks_dir, max_new_tokens=eval_max_new_tokens,
@@ -220,6 +239,13 @@ def train(
 
     if cuda:
         enable_tf32()
+    if sharding.sharded:
+        # The process group before the model, as transformers' loading under FSDP expects it (with
+        # cpu_ram_efficient_loading, accelerate then broadcasts rank 0's weights as it shards them). The
+        # Trainer's default ddp_timeout: a large base may take minutes to load while the others wait.
+        from accelerate import PartialState
+
+        PartialState(cpu=not cuda, timeout=timedelta(seconds=1800))
     transformers.set_seed(seed)
     tokenizer = load_tokenizer(base_model, padding_side="right")
     train_data, val_data = tokenize_records(
@@ -230,6 +256,8 @@ def train(
         base_model=base_model, tokenizer=tokenizer, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
         dtype=torch_dtype(precision), attn_implementation=attn_implementation,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+        sharded=sharding.sharded,
+        quant_storage=torch_dtype(precision) if sharding.quant_storage_as_compute_dtype else None,
     )
     args = build_training_arguments(
         output_dir=output_dir, micro_batch_size=micro_batch_size,
@@ -244,14 +272,109 @@ def train(
     trainer = build_trainer(
         model=model, args=args, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
         packing=packing, early_stopping_patience=early_stopping_patience, callbacks=callbacks,
-        code_evaluation=code_evaluation,
+        code_evaluation=code_evaluation, sharding=sharding,
     )
     record_prompt_template(trainer, prompt_template=prompt_template, output_dir=output_dir)
     # The speed-ups (utils/train/speedups/: the same results, faster) are on for the training loop alone.
-    with training_speedups(trainer, enabled=cpu_speedups, cutoff_len=cutoff_len):
+    speedups = sharded_speedups if sharding.sharded else training_speedups
+    with speedups(trainer, enabled=cpu_speedups, cutoff_len=cutoff_len):
         trainer.train(resume_from_checkpoint=checkpoint)
-    save_outputs(trainer, output_dir=output_dir)
+    save_outputs(trainer, output_dir=output_dir, sharded=sharding.sharded)
     return trainer
+
+
+def plan_sharding(*, cuda: bool, load_in_8bit, load_in_4bit: bool, eval_task: str = "") -> tuple[FsdpPlan, bool | None]:
+    """(plan, load_in_8bit): what the launch configuration does with this base
+    (utils/train/sharding.fsdp_plan), said in one line on rank 0, or a CodeUpError. Under FSDP on a
+    GPU, --load_in_8bit defaults to off (an 8-bit base cannot be sharded; asked for, it is the error).
+    Where the run trains DDP instead, accelerate is told so (ACCELERATE_USE_FSDP off: its FSDP1 plugin
+    refuses a CPU, and transformers would load the weights on rank 0 alone, which DDP never broadcasts)."""
+    eight_bit_default_off = (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and cuda
+                             and load_in_8bit is None and not load_in_4bit)
+    if eight_bit_default_off:
+        load_in_8bit = False
+    plan = fsdp_plan(device_type="cuda" if cuda else "cpu", load_in_8bit=bool(load_in_8bit), load_in_4bit=load_in_4bit)
+    if plan.error:
+        raise CodeUpError(plan.line)
+    if plan.sharded:
+        if fsdp_activation_checkpointing():
+            raise CodeUpError("the accelerate configuration turns on fsdp_activation_checkpointing: set it to false "
+                              "and use finetune.py's --gradient_checkpointing (one mechanism, never both)")
+        if eval_task:
+            raise CodeUpError("--eval_task with the base sharded (FSDP): a sharded model generates only with every "
+                              "process in step; score the checkpoints with evaluate.py instead")
+        line = plan.line + ("; --load_in_8bit is off by default under FSDP (an 8-bit base cannot be sharded)"
+                            if eight_bit_default_off else "")
+        logger.info(line)
+    elif plan.ddp_instead:
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+        logger.warning(plan.line)
+    return plan, load_in_8bit
+
+
+def check_checkpoint_sharding(checkpoint: str | None, *, sharded: bool) -> None:
+    """A checkpoint resumes as it was written: a sharded (FSDP) run's (accelerate's
+    pytorch_model_fsdp_0/ and optimizer_0/ folders) under FSDP only, an unsharded run's without it.
+    Either checkpoint's adapter_model.safetensors is a normal adapter, for any stage."""
+    if checkpoint is None:
+        return
+    fsdp_state = any(path.is_dir() and path.name.startswith("pytorch_model_fsdp")
+                     for path in Path(checkpoint).iterdir())
+    if fsdp_state and not sharded:
+        raise CodeUpError(f"--resume_from_checkpoint {checkpoint}: a sharded (FSDP) checkpoint resumes only with the "
+                          "base sharded again: accelerate launch with the configuration that wrote it")
+    if sharded and not fsdp_state:
+        raise CodeUpError(f"--resume_from_checkpoint {checkpoint}: not a sharded (FSDP) checkpoint; it resumes without "
+                          "FSDP (python, torchrun or configs/accelerate/ddp.yaml)")
+
+
+def match_launch_precision(precision: str, *, cuda: bool) -> str:
+    """--precision, reconciled with the launch configuration's mixed_precision (what the Trainer would
+    otherwise take from accelerate's environment): auto becomes the configuration's bf16 or fp16; an
+    explicit precision that disagrees with it is an error. A configuration without one ("no")
+    leaves --precision to decide."""
+    asked = launch_precision()
+    if asked is None or precision not in ("auto", "bf16", "fp16", "fp32"):
+        return precision  # memory_plan names a bad --precision
+    if asked == "fp16" and not cuda:
+        raise CodeUpError("the accelerate configuration's mixed_precision fp16 needs a GPU: launch with "
+                          "--mixed_precision bf16 or no on a CPU")
+    if precision == "auto":
+        return asked
+    if precision != asked:
+        raise CodeUpError(f"--precision {precision} disagrees with the accelerate configuration's mixed_precision "
+                          f"{asked}: pass --precision {asked}, or launch with --mixed_precision "
+                          f"{'no' if precision == 'fp32' else precision}")
+    return precision
+
+
+@contextlib.contextmanager
+def sharded_speedups(trainer, *, enabled: bool = True, cutoff_len: int = 512):
+    """training_speedups' part that works on a sharded base, with its one line: per-example attention
+    (chosen when the model loaded) and the chunked loss (the head's weight, gathered by FSDP for the
+    forward): on CPUs the sharded run's losses and adapter equal one process's (tests/test_finetune.py).
+    The CPU kernels step aside: they read (or pack once) whole frozen weights, which FSDP holds in shards."""
+    model = trainer.model
+    name, attention_on, why = attention_entry(model, enabled=enabled, cutoff_len=cutoff_len)
+    saved = trainer.chunked_loss
+    trainer.chunked_loss = enabled and head_of(model) is not None
+    on = [name] * attention_on + ["chunked loss"] * trainer.chunked_loss
+    off = [] if attention_on else [f"{name} ({why})"]
+    if not trainer.chunked_loss:
+        off.append("chunked loss (--cpu_speedups False)" if not enabled else
+                   "chunked loss (this model's head is more than a matmul)")
+    off.append("CPU kernels (not on a CPU)" if torch.cuda.is_available() else "CPU kernels (the base is sharded by FSDP)")
+    logger.info(f"speed-ups: on: {', '.join(on) or 'none'}; off: {', '.join(off)}")
+    try:
+        with warnings.catch_warnings():
+            if trainer.chunked_loss:
+                # The chunked loss skips the head (its FSDP unit then returns its input, a view) and applies
+                # the head's gathered weight itself: FSDP2 warns at each step that an in-place op on such a
+                # view would skip a gather; the loss makes none (the test: the same gradients as one process).
+                warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+            yield {item: None for item in on}
+    finally:
+        trainer.chunked_loss = saved
 
 
 def memory_plan(*, precision: str, load_in_8bit, load_in_4bit: bool, gradient_checkpointing, cuda: bool):
@@ -268,11 +391,19 @@ def memory_plan(*, precision: str, load_in_8bit, load_in_4bit: bool, gradient_ch
     return precision, load_in_8bit, gradient_checkpointing
 
 
-def save_outputs(trainer, *, output_dir: str) -> None:
+def save_outputs(trainer, *, output_dir: str, sharded: bool = False) -> None:
     """The adapter (adapter_model.safetensors + adapter_config.json) and tokenizer, the trainer's
     state and loss.png; process 0 writes. With early stopping, the Trainer has loaded the best
-    checkpoint back: that is what is saved."""
-    trainer.save_model(output_dir)
+    checkpoint back: that is what is saved. sharded (FSDP): the Trainer's save_model writes no
+    adapter (SHARDED_STATE_DICT), or gathers the whole base first (FULL_STATE_DICT): the adapter alone
+    is gathered instead (every process takes part) and written as an unsharded run writes it."""
+    if sharded:
+        save_gathered_adapter(trainer.model, output_dir)
+        if trainer.is_world_process_zero():
+            trainer.processing_class.save_pretrained(output_dir)
+            torch.save(trainer.args, Path(output_dir) / transformers.trainer.TRAINING_ARGS_NAME)
+    else:
+        trainer.save_model(output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
         plot_losses(log_history=trainer.state.log_history, path=Path(output_dir) / "loss.png")
@@ -490,20 +621,24 @@ def tokenize_records(records, *, tokenizer, template, cutoff_len, train_on_input
 # ---- model ------------------------------------------------------------------------------
 
 def build_lora_model(*, base_model, tokenizer, load_in_8bit, load_in_4bit, dtype, lora_r, lora_alpha, lora_dropout,
-                     target_modules, attn_implementation=PER_EXAMPLE_SDPA):
+                     target_modules, attn_implementation=PER_EXAMPLE_SDPA, sharded=False, quant_storage=None):
+    """sharded: for FSDP (load_model's sharded; quant_storage: the 4-bit weights' storage dtype)."""
     model = load_model(base_model, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, dtype=dtype,
-                       attn_implementation=attn_implementation)
+                       attn_implementation=attn_implementation, sharded=sharded, quant_storage=quant_storage)
     fit_model_to_tokenizer(model=model, tokenizer=tokenizer)
     return add_lora(model, quantized=load_in_8bit or load_in_4bit, lora_r=lora_r, lora_alpha=lora_alpha,
-                    lora_dropout=lora_dropout, target_modules=target_modules)
+                    lora_dropout=lora_dropout, target_modules=target_modules, sharded=sharded)
 
 
-def add_lora(model, *, quantized, lora_r, lora_alpha, lora_dropout, target_modules):
+def add_lora(model, *, quantized, lora_r, lora_alpha, lora_dropout, target_modules, sharded=False):
     """The base model, frozen, with LoRA adapters on target_modules (a PeftModel)."""
     # No KV cache while training: it is useless there, and without it the attention masks of
     # packed rows follow the position ids (no example attends to another).
     model.config.use_cache = False
-    if quantized:
+    # A sharded 4-bit base (FSDP1 QLoRA) keeps its norms and embeddings in the compute dtype, as TRL
+    # does for it: FSDP1 flattens each decoder layer's weights into one tensor of one dtype, which
+    # prepare_model_for_kbit_training's float32 norms would break (get_peft_model freezes the base).
+    if quantized and not sharded:
         # Freezes the base and keeps norms in fp32. Checkpointing is left to the Trainer, so that
         # it is turned on once (PEFT's and then the Trainer's would be twice), of the kind that
         # checkpoint_reentrant picks.
@@ -585,12 +720,15 @@ def build_training_arguments(*, output_dir, micro_batch_size, gradient_accumulat
 
 
 def build_trainer(*, model, args, tokenizer, train_data, val_data, packing, early_stopping_patience=0, callbacks=(),
-                  code_evaluation=None):
+                  code_evaluation=None, sharding: FsdpPlan | None = None):
+    """sharding: the FSDP plan (plan_sharding); with the base sharded, each checkpoint also gets the
+    gathered adapter (before its completion marker, which comes last)."""
     if packing:
         collator = transformers.DataCollatorWithFlattening()
     else:
         collator = transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
-    own_callbacks = [MarkCompleteCheckpoints()]
+    sharded = sharding is not None and sharding.sharded
+    own_callbacks = [GatheredAdapterCheckpoints()] * sharded + [MarkCompleteCheckpoints()]
     if early_stopping_patience:
         own_callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
     return Trainer(
@@ -602,6 +740,7 @@ def build_trainer(*, model, args, tokenizer, train_data, val_data, packing, earl
         processing_class=tokenizer,
         callbacks=[*own_callbacks, *callbacks],
         code_evaluation=code_evaluation,
+        switch_to_fsdp=sharding is not None and sharding.switch_state,
     )
 
 
@@ -611,12 +750,14 @@ class Trainer(transformers.Trainer):
     logits). Evaluation, and architectures whose logits are more than the head's output, keep
     transformers' own loss. With a code_evaluation (--eval_task), each evaluation also logs
     eval_<task>_pass@1 (utils/train/code_eval.py), in the same entry as eval_loss, or alone when
-    there is no validation set."""
+    there is no validation set. switch_to_fsdp: train sharded where accelerate would train DDP (FSDP2
+    on CPUs: utils/train/sharding.fsdp_plan)."""
 
     chunked_loss = True  # utils/train/speedups/ turns it off with the other speed-ups
 
-    def __init__(self, *args, code_evaluation=None, **kwargs):
+    def __init__(self, *args, code_evaluation=None, switch_to_fsdp=False, **kwargs):
         self.code_evaluation = code_evaluation
+        self.switch_to_fsdp = switch_to_fsdp
         arguments = kwargs["args"]
         if code_evaluation is None or kwargs.get("eval_dataset") is not None:
             super().__init__(*args, **kwargs)
@@ -627,6 +768,12 @@ class Trainer(transformers.Trainer):
             super().__init__(*args, **kwargs)
         finally:
             arguments.eval_strategy = strategy
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.switch_to_fsdp and not self.is_fsdp_enabled:
+            use_fsdp_state(self.accelerator)  # accelerate's own FSDP preparation, saving and resuming from here on
+            self.is_fsdp_enabled = True
 
     def code_metrics(self) -> dict[str, float]:
         return self.code_evaluation.score(self.model, step=self.state.global_step, output_dir=self.args.output_dir)

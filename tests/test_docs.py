@@ -22,7 +22,10 @@ OLD_FLAGS_NOTE = ("docs/training.md", "old-flag-names")  # the one place the old
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 # Flags of other tools the documents name: llama.cpp's (--temp, --jinja, --port, --lora), llama-cpp-python's
 # server's (--model, --host, --n_ctx), torchrun's, pip's, rustc's.
-OTHER_TOOLS_FLAGS = {"temp", "jinja", "port", "lora", "model", "host", "n_ctx", "nproc_per_node", "no-deps", "test"}
+OTHER_TOOLS_FLAGS = {"temp", "jinja", "port", "lora", "model", "host", "n_ctx", "nproc_per_node", "no-deps", "test",
+                     # accelerate launch's and torchrun's, in docs/hardware.md's multi-GPU commands
+                     "config_file", "num_processes", "num_machines", "machine_rank", "main_process_ip",
+                     "main_process_port", "nnodes", "rdzv_backend", "rdzv_endpoint"}
 
 
 # ---- Markdown: fences, headings, links --------------------------------------------------------

@@ -645,3 +645,212 @@ def test_each_process_takes_its_own_gpu_before_any_other_cuda_call(tiny_llama_di
     with pytest.raises(CodeUpError, match="data file not found"):
         finetune.train(**tiny_flags(tiny_llama_dir, tmp_path / "missing.json", tmp_path / "out", precision="auto"))
     assert calls[0] == ("set_device", 1) and ("capability", None) in calls
+
+
+# ---- sharded (FSDP) under accelerate launch --------------------------------------------------
+
+from conftest import free_port  # noqa: E402
+
+CPU_FSDP2_LINE = ("FSDP2 on CPUs (gloo; accelerate alone would train DDP here, finetune.py shards as on GPUs): each of "
+                  "the 2 processes holds 1/2 of the frozen base weights (one shard group per decoder layer); the "
+                  "adapter is gathered at the end")
+
+
+def accelerate_launch(flags: dict, *, config="fsdp2.yaml", launch_flags=()):
+    """finetune.py on 2 CPU processes, launched as the README shows (`accelerate launch --config_file
+    configs/accelerate/<config> --num_processes 2 finetune.py ...`), on a free port."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / config), "--num_processes", "2",
+               "--main_process_port", str(free_port()), *launch_flags,
+               "finetune.py", *[f"--{key}={value}" for key, value in flags.items()]]
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+def losses_of(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+@pytest.fixture
+def fsdp_environment(monkeypatch):
+    """What `accelerate launch --config_file configs/accelerate/<config> --num_processes 2` puts in
+    each process's environment, as far as finetune.py's plan reads it."""
+    def launched(version=2, **more):
+        for key in list(os.environ):
+            if key.startswith(("ACCELERATE_", "FSDP_")):
+                monkeypatch.delenv(key)
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        monkeypatch.setenv("FSDP_VERSION", str(version))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        for key, value in more.items():
+            monkeypatch.setenv(key, value)
+    return launched
+
+
+def test_fsdp_plan_in_finetune_turns_the_8bit_default_off_and_refuses_what_cannot_shard(fsdp_environment, capsys,
+                                                                                         monkeypatch):
+    fsdp_environment()
+    plan, load_in_8bit = finetune.plan_sharding(cuda=True, load_in_8bit=None, load_in_4bit=False)
+    assert plan.sharded and plan.fsdp_version == 2 and load_in_8bit is False
+    assert capsys.readouterr().err.strip() == ("FSDP2: each of the 2 processes holds 1/2 of the frozen base weights (one "
+                                               "shard group per decoder layer); the adapter is gathered at the end; "
+                                               "--load_in_8bit is off by default under FSDP (an 8-bit base cannot be sharded)")
+    with pytest.raises(CodeUpError, match="^an 8-bit base cannot be sharded with FSDP2"):  # asked for: the error
+        finetune.plan_sharding(cuda=True, load_in_8bit=True, load_in_4bit=False)
+    with pytest.raises(CodeUpError, match="^a 4-bit base cannot be sharded with FSDP2.*fsdp_qlora.yaml"):
+        finetune.plan_sharding(cuda=True, load_in_8bit=None, load_in_4bit=True)
+    with pytest.raises(CodeUpError, match="^--eval_task with the base sharded"):
+        finetune.plan_sharding(cuda=False, load_in_8bit=None, load_in_4bit=False, eval_task="humaneval")
+    fsdp_environment(FSDP_ACTIVATION_CHECKPOINTING="true")
+    with pytest.raises(CodeUpError, match="fsdp_activation_checkpointing.*--gradient_checkpointing"):
+        finetune.plan_sharding(cuda=True, load_in_8bit=None, load_in_4bit=False)
+
+    fsdp_environment(version=1)  # fsdp_qlora.yaml
+    plan, load_in_8bit = finetune.plan_sharding(cuda=True, load_in_8bit=None, load_in_4bit=True)
+    assert plan.sharded and plan.quant_storage_as_compute_dtype and not load_in_8bit
+    assert capsys.readouterr().err.startswith("FSDP1 QLoRA: the 4-bit weights are stored in the compute dtype")
+    # on a CPU, FSDP1 cannot run: DDP, said, and accelerate told (its FSDP1 plugin refuses a CPU)
+    plan, _ = finetune.plan_sharding(cuda=False, load_in_8bit=None, load_in_4bit=False)
+    assert not plan.sharded and plan.ddp_instead and os.environ["ACCELERATE_USE_FSDP"] == "false"
+    assert capsys.readouterr().err.strip() == (
+        "warning: an FSDP1 configuration on a CPU: accelerate cannot shard there, so this run trains DDP instead "
+        "(every process holds the whole model); configs/accelerate/fsdp2.yaml shards on CPUs too")
+    # no FSDP: nothing said, nothing changed
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        monkeypatch.delenv(key)
+    plan, load_in_8bit = finetune.plan_sharding(cuda=True, load_in_8bit=None, load_in_4bit=False)
+    assert (plan.sharded, plan.line, load_in_8bit) == (False, "", None) and capsys.readouterr().err == ""
+
+
+def test_fsdp_precision_must_agree_with_the_launch_configuration(fsdp_environment):
+    fsdp_environment()  # mixed_precision: bf16, as fsdp2.yaml and fsdp_qlora.yaml ship
+    assert finetune.match_launch_precision("auto", cuda=False) == "bf16"
+    assert finetune.match_launch_precision("bf16", cuda=True) == "bf16"
+    with pytest.raises(CodeUpError, match="^--precision fp32 disagrees with the accelerate configuration's "
+                                          "mixed_precision bf16: pass --precision bf16, or launch with --mixed_precision no"):
+        finetune.match_launch_precision("fp32", cuda=False)
+    fsdp_environment(ACCELERATE_MIXED_PRECISION="fp16")
+    with pytest.raises(CodeUpError, match="mixed_precision fp16 needs a GPU"):
+        finetune.match_launch_precision("auto", cuda=False)
+    fsdp_environment(ACCELERATE_MIXED_PRECISION="no")  # the configuration leaves it to --precision
+    assert finetune.match_launch_precision("fp32", cuda=False) == "fp32"
+    assert finetune.match_launch_precision("auto", cuda=False) == "auto"
+
+
+def test_fsdp_loading_has_no_device_map_and_stores_4bit_weights_in_the_compute_dtype(tiny_llama_dir, monkeypatch):
+    import utils.model_loading
+
+    calls = []
+    monkeypatch.setattr(utils.model_loading.AutoModelForCausalLM, "from_pretrained",
+                        lambda path, **options: calls.append(options))
+    utils.model_loading.load_model(str(tiny_llama_dir), load_in_4bit=True, dtype=torch.bfloat16, device="cuda",
+                                   sharded=True, quant_storage=torch.bfloat16)
+    utils.model_loading.load_model(str(tiny_llama_dir), load_in_4bit=True, dtype=torch.bfloat16, device="cuda")
+    sharded, unsharded = calls
+    assert sharded["device_map"] is None and sharded["dtype"] == torch.bfloat16
+    assert sharded["quantization_config"].bnb_4bit_quant_storage == torch.bfloat16
+    assert unsharded["device_map"] == {"": 0} and unsharded["quantization_config"].bnb_4bit_quant_storage == torch.uint8
+
+
+def test_fsdp2_accelerate_launch_on_cpus_trains_sharded_and_saves_a_peft_adapter(tiny_llama_dir, data_file, tmp_path):
+    """The issue's command as it is: `accelerate launch --config_file configs/accelerate/fsdp2.yaml
+    --num_processes 2 finetune.py ...` on a CPU trains sharded (never DDP unsaid), in the config's bf16,
+    with finetune.py's activation checkpointing and an evaluation, and leaves a normal PEFT adapter in
+    --output_dir and in each checkpoint."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    output_dir = tmp_path / "fsdp2"
+    flags = tiny_flags(tiny_llama_dir, data_file, output_dir, max_steps=2, save_steps=1, lora_dropout=0.0,
+                       gradient_checkpointing=True, val_set_size=4, eval_steps=2)
+    del flags["precision"]  # auto: the configuration's mixed_precision (bf16)
+    result = accelerate_launch(flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count(CPU_FSDP2_LINE) == 1  # one line, from rank 0
+    assert "speed-ups: on: per-example attention, chunked loss; off: CPU kernels (the base is sharded by FSDP)" \
+        in result.stderr
+    args = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert args.bf16 and args.world_size == 2 and args.gradient_accumulation_steps == 1
+    assert getattr(args, finetune.CHECKPOINTING)
+    assert getattr(args, f"{finetune.CHECKPOINTING}_kwargs") == {"use_reentrant": False}
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and [entry["step"] for entry in state["log_history"] if "eval_loss" in entry] == [2]
+    for step in (1, 2):  # each checkpoint: the sharded state, the gathered adapter, the marker last
+        checkpoint = output_dir / f"checkpoint-{step}"
+        assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / finetune.CHECKPOINT_COMPLETE).is_file()
+        assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "prompt_template.json").is_file()
+    assert (output_dir / "prompt_template.json").is_file() and (output_dir / "tokenizer_config.json").is_file()
+
+    saved = adapter_weights(output_dir)
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    assert sorted(saved) == sorted(get_peft_model_state_dict(lora_model(tiny_llama_dir, tokenizer)))
+    assert all(value.abs().max() > 0 for key, value in saved.items() if "lora_B" in key)  # trained
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(output_dir))
+    for key, value in get_peft_model_state_dict(loaded).items():
+        torch.testing.assert_close(value, saved[key])
+    last_checkpoint = adapter_weights(output_dir / "checkpoint-2")
+    assert all(torch.equal(last_checkpoint[key], saved[key]) for key in saved)
+
+
+@pytest.mark.slow
+def test_fsdp2_launch_equals_one_process_and_resumes_sharded(tiny_llama_dir, data_file, tmp_path):
+    """In fp32 (launched with mixed_precision no), the sharded run's losses and adapter equal one
+    process's on the same batches (per-example attention and the chunked loss on), and a run resumed
+    from its sharded checkpoint ends where the uninterrupted one ends."""
+    flags = dict(max_steps=3, save_steps=1, lora_dropout=0.0, precision="fp32")
+    sharded_dir, resumed_dir = tmp_path / "sharded", tmp_path / "resumed"
+    result = accelerate_launch(tiny_flags(tiny_llama_dir, data_file, sharded_dir, **flags),
+                               launch_flags=("--mixed_precision", "no"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert CPU_FSDP2_LINE in result.stderr
+    finetune.train(**tiny_flags(tiny_llama_dir, data_file, tmp_path / "one", **flags))
+    sharded, one = losses_of(sharded_dir), losses_of(tmp_path / "one")
+    assert sorted(sharded) == [1, 2, 3]
+    for step in sharded:
+        assert sharded[step] == pytest.approx(one[step], rel=1e-4)
+    expected = adapter_weights(tmp_path / "one")
+    for key, value in adapter_weights(sharded_dir).items():
+        torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=1e-4)
+
+    result = accelerate_launch(tiny_flags(tiny_llama_dir, data_file, resumed_dir, **flags,
+                                          resume_from_checkpoint=sharded_dir / "checkpoint-1"),
+                               launch_flags=("--mixed_precision", "no"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(losses_of(resumed_dir)) == [1, 2, 3]  # the state's history, carried on from step 1
+    assert losses_of(resumed_dir)[3] == pytest.approx(sharded[3], abs=2e-4)  # logged to 4 decimals
+    resumed = adapter_weights(resumed_dir)
+    for key, value in adapter_weights(sharded_dir).items():
+        torch.testing.assert_close(resumed[key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_fsdp_checkpoints_resume_only_as_they_were_written(tmp_path):
+    sharded, plain = tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"
+    (sharded / "pytorch_model_fsdp_0").mkdir(parents=True)
+    plain.mkdir()
+    finetune.check_checkpoint_sharding(str(sharded), sharded=True)
+    finetune.check_checkpoint_sharding(str(plain), sharded=False)
+    finetune.check_checkpoint_sharding(None, sharded=True)
+    with pytest.raises(CodeUpError, match="a sharded \\(FSDP\\) checkpoint resumes only with the base sharded"):
+        finetune.check_checkpoint_sharding(str(sharded), sharded=False)
+    with pytest.raises(CodeUpError, match="not a sharded \\(FSDP\\) checkpoint"):
+        finetune.check_checkpoint_sharding(str(plain), sharded=True)
+
+
+@pytest.mark.slow
+def test_fsdp1_launch_on_cpus_trains_ddp_and_says_so(tiny_llama_dir, data_file, tmp_path):
+    """fsdp_qlora.yaml (FSDP1) on CPUs: FSDP1 does not run there, so the run trains DDP, says so in
+    one line, and saves the adapter as any DDP run does (never DDP unsaid, never a crash)."""
+    output_dir = tmp_path / "fsdp1"
+    result = accelerate_launch(tiny_flags(tiny_llama_dir, data_file, output_dir, max_steps=2, precision="bf16"),
+                               config="fsdp_qlora.yaml")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count(
+        "warning: an FSDP1 configuration on a CPU: accelerate cannot shard there, so this run trains DDP instead "
+        "(every process holds the whole model); configs/accelerate/fsdp2.yaml shards on CPUs too") == 1
+    assert "FSDP2 on CPUs" not in result.stderr
+    args = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert args.world_size == 2 and args.bf16
+    assert (output_dir / "adapter_model.safetensors").is_file()

@@ -163,10 +163,11 @@ def test_fsdp2_resumed_run_equals_uninterrupted(sharded, one_process):
 
 def test_fsdp_configuration_on_a_cpu_is_ddp_to_accelerate(sharded):
     # accelerate made the FSDP configuration MULTI_CPU (DDP) on its own; shard_lora_model switched it
+    # (use_fsdp_state), as finetune.py's Trainer does where fsdp_plan says switch_state
     assert sharded.result["accelerate_distributed_type"] == "DistributedType.MULTI_CPU"
     plan = fsdp_plan(device_type="cpu", load_in_8bit=False, load_in_4bit=False, use_fsdp=True, fsdp_version=2,
                      num_processes=2)
-    assert not plan.sharded and not plan.error
+    assert plan.sharded and plan.switch_state and not plan.error and not plan.ddp_instead
 
 
 # ---- the configs, as accelerate launch reads them ----------------------------------------
@@ -237,10 +238,21 @@ def plan(**overrides):
 
 
 def test_fsdp_plan_fsdp_configuration_on_a_cpu():
-    result = plan(device_type="cpu")
-    assert (result.sharded, result.error) == (False, False)
-    assert result.line == ("an FSDP configuration on a CPU: accelerate trains DDP (every process holds the whole "
-                           "model); sharding needs GPUs")
+    result = plan(device_type="cpu", num_processes=2)  # FSDP2: sharded anyway, accelerate's state switched
+    assert (result.sharded, result.error, result.switch_state, result.ddp_instead) == (True, False, True, False)
+    assert result.line == ("FSDP2 on CPUs (gloo; accelerate alone would train DDP here, finetune.py shards as on GPUs): "
+                           "each of the 2 processes holds 1/2 of the frozen base weights (one shard group per decoder "
+                           "layer); the adapter is gathered at the end")
+    result = plan(device_type="cpu", fsdp_version=1, load_in_4bit=True)  # FSDP1's plugin refuses a CPU: DDP, said
+    assert (result.sharded, result.error, result.switch_state, result.ddp_instead) == (False, False, False, True)
+    assert result.line == ("an FSDP1 configuration on a CPU: accelerate cannot shard there, so this run trains DDP "
+                           "instead (every process holds the whole model); configs/accelerate/fsdp2.yaml shards on "
+                           "CPUs too")
+    result = plan(device_type="cpu", num_processes=1)
+    assert (result.sharded, result.ddp_instead) == (False, True) and "nothing to shard" in result.line
+    result = plan(device_type="mps")
+    assert (result.sharded, result.ddp_instead) == (False, True) and result.line.startswith(
+        "an FSDP2 configuration on a MPS: accelerate cannot shard there, so this run trains DDP instead")
 
 
 def test_fsdp_plan_fsdp2_with_a_4bit_base_is_an_error():

@@ -191,7 +191,11 @@ def load_tokenizer(base_model: str = DEFAULT_BASE_MODEL, padding_side: str = "ri
     return tokenizer
 
 
-def quantization_config(load_in_8bit: bool, load_in_4bit: bool, compute_dtype: torch.dtype):
+def quantization_config(load_in_8bit: bool, load_in_4bit: bool, compute_dtype: torch.dtype,
+                        quant_storage: torch.dtype | None = None):
+    """bitsandbytes' settings for an 8-bit or 4-bit base (None for neither). quant_storage: the dtype
+    the packed 4-bit weights are stored in (bitsandbytes' default: uint8); sharding them with FSDP
+    needs a floating-point one, the compute dtype (utils/train/sharding.py)."""
     if load_in_8bit and load_in_4bit:
         raise CodeUpError("choose one of load_in_8bit and load_in_4bit")
     if load_in_8bit:
@@ -202,6 +206,7 @@ def quantization_config(load_in_8bit: bool, load_in_4bit: bool, compute_dtype: t
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
         )
     return None
 
@@ -213,17 +218,27 @@ def load_model(
     dtype="auto",
     device: str | None = None,
     attn_implementation: str | None = None,
+    sharded: bool = False,
+    quant_storage: torch.dtype | None = None,
 ):
     """The causal LM, optionally 8-bit or 4-bit (bitsandbytes), on `device` (CUDA when present).
 
     Under torchrun each process puts its copy on its own GPU (LOCAL_RANK).
     attn_implementation: None for transformers' default (sdpa), or a name it knows, including
     utils/train/attention.py's sdpa_per_example.
+    sharded: the model is for FSDP (utils/train/sharding.py): no device_map, accelerate places the
+        shards (a 4-bit base still lands on this process's GPU, where bitsandbytes quantizes it). With
+        the process group started first and the launch's cpu_ram_efficient_loading, accelerate then
+        broadcasts rank 0's weights to the others as it shards them.
+    quant_storage: the 4-bit weights' storage dtype (quantization_config).
     """
     device = device or default_device()
     dtype = resolve_dtype(dtype, device=device, load_in_8bit=load_in_8bit)
     path = resolve_model_reference(base_model)
-    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else device
+    if sharded:
+        device_map = None
+    else:
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else device
     if load_in_8bit or load_in_4bit:
         silence_bitsandbytes_cast_notice()
     try:
@@ -231,7 +246,7 @@ def load_model(
             path,
             dtype=dtype,
             quantization_config=quantization_config(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
-                                                    compute_dtype=dtype),
+                                                    compute_dtype=dtype, quant_storage=quant_storage),
             device_map=device_map,
             attn_implementation=attn_implementation,
             # transformers 5.25 with the `kernels` package swaps in layers fetched from the hub at load

@@ -7,7 +7,12 @@ decoder layer, then on the root), and the Trainer's checkpoints are accelerate's
 torch.distributed.checkpoint folders. This module adds what the Trainer does not do for a LoRA run:
 
 - fsdp_plan: before any model loads, what the launch configuration will do with this base (shard it,
-  fall back to DDP on a CPU, or fail: 4-bit under FSDP2, 8-bit under any FSDP), in one line;
+  on GPUs or, with FSDP2, on CPUs too; fall back to DDP where FSDP1 cannot run; or fail: 4-bit under
+  FSDP2, 8-bit under any FSDP), in one line;
+- launch_precision: the precision the launch configuration asks for (its mixed_precision), checked
+  against finetune.py's --precision;
+- use_fsdp_state: accelerate's state switched to FSDP where accelerate left it DDP (CPUs), so that
+  the Trainer's own FSDP code runs there;
 - save_gathered_adapter / gathered_adapter_state_dict: the adapter gathered from the shards and
   written as PEFT writes it (the Trainer writes no adapter with SHARDED_STATE_DICT, and with
   FULL_STATE_DICT it gathers the whole base into rank 0's memory first);
@@ -39,13 +44,17 @@ class FsdpPlan:
     """What the launch configuration does with this run's base model.
 
     sharded: the base weights are split over the processes (load the model without a device_map:
-        accelerate places the shards; with cpu_ram_efficient_loading only rank 0 reads the weights).
+        accelerate places the shards; with cpu_ram_efficient_loading it broadcasts rank 0's weights).
     fsdp_version: 1 or 2 when FSDP was asked for, else None.
     error: the configuration cannot train this base; `line` says what to use instead.
     quant_storage_as_compute_dtype: a 4-bit base must store its packed weights in the compute dtype
         (BitsAndBytesConfig(bnb_4bit_quant_storage=dtype), loaded with dtype=that same dtype): FSDP
         shards floating-point tensors only.
     line: one line to print (or raise, with error), empty when FSDP was not asked for.
+    switch_state: accelerate itself would train DDP on this device (a CPU): the Trainer's accelerator
+        must be switched to FSDP (use_fsdp_state) for the run to shard.
+    ddp_instead: the run trains DDP although FSDP was asked for (said in `line`): accelerate must not
+        see the FSDP configuration (its FSDP1 plugin refuses a CPU), so ACCELERATE_USE_FSDP is turned off.
     """
 
     sharded: bool
@@ -53,6 +62,8 @@ class FsdpPlan:
     error: bool
     quant_storage_as_compute_dtype: bool
     line: str
+    switch_state: bool = False
+    ddp_instead: bool = False
 
 
 def fsdp_plan(*, device_type: str, load_in_8bit: bool, load_in_4bit: bool, use_fsdp: bool | None = None,
@@ -62,8 +73,12 @@ def fsdp_plan(*, device_type: str, load_in_8bit: bool, load_in_4bit: bool, use_f
     use_fsdp, fsdp_version and num_processes default to what `accelerate launch` put in the
     environment (ACCELERATE_USE_FSDP, FSDP_VERSION, WORLD_SIZE); device_type is this process's
     device ("cuda", "cpu", ...). Why each case:
-    - a device accelerate does not shard on (a CPU): accelerate's state switches to FSDP for GPU-like
-      devices only, so the run is DDP, every process holding the whole model. Said, not refused.
+    - a CPU: accelerate's state switches to FSDP for GPU-like devices only, and would silently train
+      DDP. With FSDP2 the run shards anyway: torch's fully_shard runs on CPUs over gloo, and the
+      Trainer's accelerator is switched to FSDP (switch_state; tests/test_fsdp.py shows the result
+      equal to one process's). FSDP1's plugin refuses a CPU (sync_module_states, which
+      cpu_ram_efficient_loading needs): that run trains DDP, every process holding the whole model.
+      Said, not refused. Any other device accelerate does not shard on: DDP, said.
     - 8-bit (LLM.int8) under FSDP: its int8 weights (their scales kept beside them, with no
       floating-point storage option as 4-bit has) are not tensors FSDP can shard.
     - 4-bit under FSDP2: upstream FSDP2 does not train a bitsandbytes 4-bit base (with the default
@@ -81,13 +96,20 @@ def fsdp_plan(*, device_type: str, load_in_8bit: bool, load_in_4bit: bool, use_f
         num_processes = int(environ.get("WORLD_SIZE", "1"))
     name = f"FSDP{fsdp_version}"
 
-    def plan(line, *, sharded=True, error=False, quant_storage=False):
+    def plan(line, *, sharded=True, error=False, quant_storage=False, switch_state=False, ddp_instead=False):
         return FsdpPlan(sharded=sharded, fsdp_version=fsdp_version, error=error,
-                        quant_storage_as_compute_dtype=quant_storage, line=line)
+                        quant_storage_as_compute_dtype=quant_storage, line=line, switch_state=switch_state,
+                        ddp_instead=ddp_instead)
 
-    if device_type not in FSDP_DEVICE_TYPES:
-        return plan(f"an FSDP configuration on a {device_type.upper()}: accelerate trains DDP (every process "
-                    "holds the whole model); sharding needs GPUs", sharded=False)
+    on_cpu = device_type == "cpu"
+    if on_cpu and fsdp_version == 2 and num_processes < 2:
+        return plan(f"an {name} configuration with one process on a CPU: nothing to shard, so this run trains "
+                    "one unsharded process", sharded=False, ddp_instead=True)
+    if device_type not in FSDP_DEVICE_TYPES and not (on_cpu and fsdp_version == 2):
+        return plan(f"an {name} configuration on a {device_type.upper()}: accelerate cannot shard there, so this "
+                    "run trains DDP instead (every process holds the whole model)"
+                    + (f"; {FSDP2_CONFIG} shards on CPUs too" if on_cpu else ""),
+                    sharded=False, ddp_instead=True)
     if load_in_8bit:
         return plan(f"an 8-bit base cannot be sharded with {name} (LLM.int8 weights are not tensors FSDP "
                     f"can shard): train it with {DDP_CONFIG}, shard a 4-bit base with "
@@ -102,8 +124,46 @@ def fsdp_plan(*, device_type: str, load_in_8bit: bool, load_in_4bit: bool, use_f
     if load_in_4bit:
         return plan(f"FSDP1 QLoRA: the 4-bit weights are stored in the compute dtype so that FSDP shards them; "
                     f"{share} of the frozen base; the adapter is gathered at the end", quant_storage=True)
+    if on_cpu:
+        return plan(f"FSDP2 on CPUs (gloo; accelerate alone would train DDP here, finetune.py shards as on GPUs): "
+                    f"{share} of the frozen base weights (one shard group per decoder layer); the adapter is "
+                    "gathered at the end", switch_state=True)
     return plan(f"{name}: {share} of the frozen base weights (one shard group per decoder layer); "
                 "the adapter is gathered at the end")
+
+
+def launch_precision() -> str | None:
+    """bf16 or fp16 when the launch configuration asks for that mixed precision (`accelerate launch`
+    puts the config's mixed_precision in ACCELERATE_MIXED_PRECISION, and the Trainer takes it from
+    there unless told bf16 or fp16), else None ("no", or not launched by accelerate)."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return value if value in ("bf16", "fp16") else None
+
+
+def fsdp_activation_checkpointing() -> bool:
+    """Whether the launch configuration turns on FSDP's own activation checkpointing
+    (fsdp_activation_checkpointing), which finetune.py refuses: its --gradient_checkpointing is the one
+    mechanism (the Trainer refuses both at once)."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true")
+
+
+def use_fsdp_state(accelerator, fsdp_plugin=None) -> None:
+    """Switches accelerator's state to FSDP where accelerate left it DDP (MULTI_CPU on CPUs), as
+    accelerate's own state does on GPUs: the FSDP plugin (default: the one the launch configuration
+    describes in the environment) and the accelerator's mixed precision set on it. After this,
+    Accelerator.prepare shards the model, and a transformers Trainer whose accelerator this is (its
+    is_fsdp_enabled set too) saves and resumes sharded checkpoints."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return
+    fsdp_plugin = fsdp_plugin or FullyShardedDataParallelPlugin()
+    state = accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    if accelerator.mixed_precision != "no":
+        fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)  # as accelerate's state does for FSDP
+    state.fsdp_plugin = fsdp_plugin
 
 
 # ---- the adapter, gathered from the shards -------------------------------------------------
@@ -163,25 +223,20 @@ def shard_lora_model(model, optimizer=None, *, fsdp_plugin=None, mixed_precision
 
     Why this exists: accelerate switches its state to FSDP only on GPU-like devices, so on a CPU an
     FSDP configuration trains DDP and nothing of the above runs. Here the state is switched to FSDP
-    by hand when accelerate did not, so that the same preparation runs over any process group (gloo
-    on CPUs: the tests). A GPU run of finetune.py does not call this: its Trainer prepares the model
-    itself. fsdp_plugin: accelerate's FullyShardedDataParallelPlugin; default: the one `accelerate
+    by hand when accelerate did not (use_fsdp_state), so that the same preparation runs over any
+    process group (gloo on CPUs: the tests). finetune.py does not call this: its Trainer prepares the
+    model itself (on CPUs after the same use_fsdp_state). fsdp_plugin: accelerate's FullyShardedDataParallelPlugin; default: the one `accelerate
     launch --config_file ...` describes in the environment.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
     fsdp_plugin = fsdp_plugin or FullyShardedDataParallelPlugin()
     # cpu=True without an accelerator device, as the Trainer's use_cpu: the processes then are
     # accelerate's MULTI_CPU group (ranks, main process), which only the FSDP switch below changes
     cpu = torch.accelerator.current_accelerator() is None
     accelerator = Accelerator(fsdp_plugin=fsdp_plugin, mixed_precision=mixed_precision, cpu=cpu)
-    if accelerator.distributed_type != DistributedType.FSDP:
-        state = accelerator.state
-        state.distributed_type = DistributedType.FSDP
-        if mixed_precision != "no":
-            fsdp_plugin.set_mixed_precision(mixed_precision)  # as accelerate's state does for FSDP
-        state.fsdp_plugin = fsdp_plugin
+    use_fsdp_state(accelerator, fsdp_plugin)  # finetune.py's Trainer does the same on CPUs
     if optimizer is None:
         return accelerator, accelerator.prepare(model), None
     model, optimizer = accelerator.prepare(model, optimizer)
