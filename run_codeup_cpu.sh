@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The main job: every stage of CodeUp on a CPU with the embedded default model (SmolLM2-135M),
 # from a fresh clone to filtered data, a LoRA adapter, merged exports, a HumanEval score and the
-# command that opens the web demo. About 10 minutes on 2 cores.
+# command that opens the web demo. About 8 minutes on 2 cores.
 #   bash run_codeup_cpu.sh
 # Settings (environment): BASE_MODEL (smollm2-135m), DATA_DIR (data: where code_alpaca_20k.json and
 # new_codealpaca.json are looked for; without them data/sample_codeup.json is used), WORK_DIR
 # (runs/smollm2), MAX_STEPS (40), EVAL_LIMIT (20 HumanEval problems), EVAL_TASK2 (humanevalx-js: the
 # language scored besides Python, on EVAL_LIMIT2 = 10 problems; any task of evaluate.py, or "none"),
+# TRAIN_EVAL_LIMIT (3: HumanEval problems answered at each of finetune.py's evaluations, logged as
+# eval_humaneval_pass@1 beside eval_loss and in loss.png; 0: none),
 # BENCHMARKS_DIR (DATA_DIR: where humaneval-x/ and multipl-e/ are, see data/download.py --benchmarks only),
 # SKIP_SETUP (set: use the current environment), PY (the Python to run).
 # Each stage skips work whose outputs are already there and valid; delete a stage's folder in
@@ -20,6 +22,7 @@ MAX_STEPS=${MAX_STEPS:-40}
 EVAL_LIMIT=${EVAL_LIMIT:-20}
 EVAL_TASK2=${EVAL_TASK2:-humanevalx-js}
 EVAL_LIMIT2=${EVAL_LIMIT2:-10}
+TRAIN_EVAL_LIMIT=${TRAIN_EVAL_LIMIT:-3}
 BENCHMARKS_DIR=${BENCHMARKS_DIR:-$DATA_DIR}
 [[ -n "${SKIP_SETUP:-}" ]] || bash setup.sh
 PY=${PY:-.venv/bin/python}
@@ -51,10 +54,12 @@ stage "2/4 finetune: LoRA on $BASE_MODEL, $MAX_STEPS step$([[ $MAX_STEPS == 1 ]]
 if [[ -f "$WORK_DIR/lora/adapter_model.safetensors" && -f "$WORK_DIR/lora/trainer_state.json" ]]; then
   skip "$WORK_DIR/lora holds a trained adapter"
 else
+  train_eval=()
+  [[ $TRAIN_EVAL_LIMIT == 0 ]] || train_eval=(--eval_task humaneval --eval_limit "$TRAIN_EVAL_LIMIT" --eval_max_new_tokens 256)
   $PY finetune.py --base_model "$BASE_MODEL" --data_path "$train_file" --output_dir "$WORK_DIR/lora" \
     --max_steps "$MAX_STEPS" --batch_size 16 --micro_batch_size 4 --cutoff_len 256 --learning_rate 3e-4 \
     --warmup_steps 5 --val_set_size 32 --eval_steps 10 --save_steps 20 --logging_steps 5 \
-    --lora_target_modules '[q_proj,k_proj,v_proj,o_proj]'
+    --lora_target_modules '[q_proj,k_proj,v_proj,o_proj]' "${train_eval[@]}"
 fi
 done_in
 
