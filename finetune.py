@@ -14,12 +14,10 @@ the trainer's state and loss.png in --output_dir. Under an FSDP launch configura
 the base (shard it, train DDP instead, or refuse), and the run says it in one line.
 """
 
-import contextlib
 import functools
 import importlib.util
 import os
 import re
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,12 +44,12 @@ from utils.model_loading import (
 from utils.train.speedups.packed_weights import packed_weight_of
 from utils.precision import enable_tf32, resolve_precision, torch_dtype
 from utils.train.sharding import (GatheredAdapterCheckpoints, FsdpPlan, fsdp_activation_checkpointing, fsdp_plan,
-                                  launch_precision, save_gathered_adapter, use_fsdp_state)
+                                  fsdp_requested, launch_precision, save_gathered_adapter, use_fsdp_state)
 from utils.prompter import Prompter
 from utils.train.checkpoints import (CHECKPOINT_COMPLETE, MarkCompleteCheckpoints, find_checkpoint,  # noqa: F401
                                      is_complete_checkpoint, record_prompt_template)  # (tests read them here)
 from utils.train.code_eval import CodeEvaluation
-from utils.train.speedups import attention_entry, training_speedups
+from utils.train.speedups import training_speedups
 from utils.tokenization import has_trainable_labels, tokenize_for_training
 
 def train(
@@ -276,8 +274,7 @@ def train(
     )
     record_prompt_template(trainer, prompt_template=prompt_template, output_dir=output_dir)
     # The speed-ups (utils/train/speedups/: the same results, faster) are on for the training loop alone.
-    speedups = sharded_speedups if sharding.sharded else training_speedups
-    with speedups(trainer, enabled=cpu_speedups, cutoff_len=cutoff_len):
+    with training_speedups(trainer, enabled=cpu_speedups, cutoff_len=cutoff_len, sharded=sharding.sharded):
         trainer.train(resume_from_checkpoint=checkpoint)
     save_outputs(trainer, output_dir=output_dir, sharded=sharding.sharded)
     return trainer
@@ -289,8 +286,7 @@ def plan_sharding(*, cuda: bool, load_in_8bit, load_in_4bit: bool, eval_task: st
     GPU, --load_in_8bit defaults to off (an 8-bit base cannot be sharded; asked for, it is the error).
     Where the run trains DDP instead, accelerate is told so (ACCELERATE_USE_FSDP off: its FSDP1 plugin
     refuses a CPU, and transformers would load the weights on rank 0 alone, which DDP never broadcasts)."""
-    eight_bit_default_off = (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and cuda
-                             and load_in_8bit is None and not load_in_4bit)
+    eight_bit_default_off = fsdp_requested() and cuda and load_in_8bit is None and not load_in_4bit
     if eight_bit_default_off:
         load_in_8bit = False
     plan = fsdp_plan(device_type="cuda" if cuda else "cpu", load_in_8bit=bool(load_in_8bit), load_in_4bit=load_in_4bit)
@@ -346,35 +342,6 @@ def match_launch_precision(precision: str, *, cuda: bool) -> str:
                           f"{asked}: pass --precision {asked}, or launch with --mixed_precision "
                           f"{'no' if precision == 'fp32' else precision}")
     return precision
-
-
-@contextlib.contextmanager
-def sharded_speedups(trainer, *, enabled: bool = True, cutoff_len: int = 512):
-    """training_speedups' part that works on a sharded base, with its one line: per-example attention
-    (chosen when the model loaded) and the chunked loss (the head's weight, gathered by FSDP for the
-    forward): on CPUs the sharded run's losses and adapter equal one process's (tests/test_finetune.py).
-    The CPU kernels step aside: they read (or pack once) whole frozen weights, which FSDP holds in shards."""
-    model = trainer.model
-    name, attention_on, why = attention_entry(model, enabled=enabled, cutoff_len=cutoff_len)
-    saved = trainer.chunked_loss
-    trainer.chunked_loss = enabled and head_of(model) is not None
-    on = [name] * attention_on + ["chunked loss"] * trainer.chunked_loss
-    off = [] if attention_on else [f"{name} ({why})"]
-    if not trainer.chunked_loss:
-        off.append("chunked loss (--cpu_speedups False)" if not enabled else
-                   "chunked loss (this model's head is more than a matmul)")
-    off.append("CPU kernels (not on a CPU)" if torch.cuda.is_available() else "CPU kernels (the base is sharded by FSDP)")
-    logger.info(f"speed-ups: on: {', '.join(on) or 'none'}; off: {', '.join(off)}")
-    try:
-        with warnings.catch_warnings():
-            if trainer.chunked_loss:
-                # The chunked loss skips the head (its FSDP unit then returns its input, a view) and applies
-                # the head's gathered weight itself: FSDP2 warns at each step that an in-place op on such a
-                # view would skip a gather; the loss makes none (the test: the same gradients as one process).
-                warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
-            yield {item: None for item in on}
-    finally:
-        trainer.chunked_loss = saved
 
 
 def memory_plan(*, precision: str, load_in_8bit, load_in_4bit: bool, gradient_checkpointing, cuda: bool):

@@ -66,6 +66,11 @@ class FsdpPlan:
     ddp_instead: bool = False
 
 
+def fsdp_requested() -> bool:
+    """Whether `accelerate launch` was given an FSDP configuration (it sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def fsdp_plan(*, device_type: str, load_in_8bit: bool, load_in_4bit: bool, use_fsdp: bool | None = None,
               fsdp_version: int | None = None, num_processes: int | None = None) -> FsdpPlan:
     """What an FSDP launch configuration will do with this base, decided before the model loads.
@@ -87,7 +92,7 @@ def fsdp_plan(*, device_type: str, load_in_8bit: bool, load_in_4bit: bool, use_f
     """
     environ = os.environ
     if use_fsdp is None:
-        use_fsdp = environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        use_fsdp = fsdp_requested()
     if not use_fsdp:
         return FsdpPlan(sharded=False, fsdp_version=None, error=False, quant_storage_as_compute_dtype=False, line="")
     if fsdp_version is None:
@@ -144,7 +149,7 @@ def fsdp_activation_checkpointing() -> bool:
     """Whether the launch configuration turns on FSDP's own activation checkpointing
     (fsdp_activation_checkpointing), which finetune.py refuses: its --gradient_checkpointing is the one
     mechanism (the Trainer refuses both at once)."""
-    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return (fsdp_requested()
             and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true")
 
 
@@ -225,8 +230,9 @@ def shard_lora_model(model, optimizer=None, *, fsdp_plugin=None, mixed_precision
     FSDP configuration trains DDP and nothing of the above runs. Here the state is switched to FSDP
     by hand when accelerate did not (use_fsdp_state), so that the same preparation runs over any
     process group (gloo on CPUs: the tests). finetune.py does not call this: its Trainer prepares the
-    model itself (on CPUs after the same use_fsdp_state). fsdp_plugin: accelerate's FullyShardedDataParallelPlugin; default: the one `accelerate
-    launch --config_file ...` describes in the environment.
+    model itself (on CPUs after the same use_fsdp_state). fsdp_plugin: accelerate's
+    FullyShardedDataParallelPlugin; default: the one `accelerate launch --config_file ...` describes
+    in the environment.
     """
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin

@@ -19,6 +19,7 @@ off: transformers' and PEFT's own code throughout.
 """
 
 import contextlib
+import warnings
 
 from utils.train.attention import PER_EXAMPLE_SDPA, per_example_limits
 from utils.train.speedups.dropout import (restore_lora_dropout, restore_lora_input_copies, skip_lora_input_copies,
@@ -42,9 +43,13 @@ def attention_entry(model, *, enabled: bool, cutoff_len: int) -> tuple:
 
 
 @contextlib.contextmanager
-def training_speedups(trainer, *, enabled: bool = True, cutoff_len: int = 512):
+def training_speedups(trainer, *, enabled: bool = True, cutoff_len: int = 512, sharded: bool = False):
     """Inside the block, trainer's model trains with every speed-up that applies (module
-    docstring); after it, with none. Yields {name: modules changed, or None} for those that are on."""
+    docstring); after it, with none. Yields {name: modules changed, or None} for those that are on.
+    sharded: the base is sharded by FSDP (utils/train/sharding.py): per-example attention and the
+    chunked loss apply (on CPUs the sharded run's losses and adapter equal one process's:
+    tests/test_finetune.py); the CPU kernels step aside, as they read (or pack once) whole frozen
+    weights, which FSDP holds in shards."""
     model = trainer.model
     on_cpu = next(model.parameters()).device.type == "cpu"
     entries = [attention_entry(model, enabled=enabled, cutoff_len=cutoff_len)]  # (name, on, count if on else why)
@@ -54,7 +59,13 @@ def training_speedups(trainer, *, enabled: bool = True, cutoff_len: int = 512):
         trainer.chunked_loss = enabled and head is not None
         entries.append(("chunked loss", trainer.chunked_loss, None if trainer.chunked_loss else
                         "--cpu_speedups False" if not enabled else "this model's head is more than a matmul"))
-        if enabled and on_cpu:
+        if sharded and trainer.chunked_loss:
+            # The chunked loss skips the head (its FSDP unit then returns its input, a view) and applies
+            # the head's gathered weight itself: FSDP2 warns at each step that an in-place op on such a
+            # view would skip a gather; the loss makes none (the test: the same gradients as one process).
+            undo.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+        if enabled and on_cpu and not sharded:
             count = use_fast_lora_dropout(model)
             undo.callback(restore_lora_dropout, model)
             entries.append(("LoRA dropout", count > 0, count or "no dropout"))
@@ -73,7 +84,8 @@ def training_speedups(trainer, *, enabled: bool = True, cutoff_len: int = 512):
             entries.append(("packed weights", count > 0, count or ("not enough memory" if packable else
                                                                    "no frozen bf16 linear on a CPU with native bf16")))
         else:
-            entries.append(("CPU kernels", False, "--cpu_speedups False" if not enabled else "not on a CPU"))
+            entries.append(("CPU kernels", False, "--cpu_speedups False" if not enabled else
+                            "not on a CPU" if not on_cpu else "the base is sharded by FSDP"))
         on = [f"{name} ({detail})" if detail else name for name, is_on, detail in entries if is_on]
         off = [f"{name} ({detail})" for name, is_on, detail in entries if not is_on]
         logger.info(f"speed-ups: on: {', '.join(on) or 'none'}; off: {', '.join(off) or 'none'}")
